@@ -1,0 +1,60 @@
+//! Runs a sandboxer: the Sandbox API on its unix socket until SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::sandbox::controller_server::ControllerServer;
+use crate::controller::{ControllerService, Sandboxer};
+
+/// Serves `sandboxer` on the unix socket `listen` until the process is asked to stop.
+///
+/// A stale socket file is replaced; a socket another live sandboxer answers on is not.
+pub async fn serve<S: Sandboxer>(listen: &Path, sandboxer: Arc<S>) -> anyhow::Result<()> {
+    if let Some(parent) = listen.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create directory {}", parent.display()))?;
+    }
+    if listen.exists() {
+        if std::os::unix::net::UnixStream::connect(listen).is_ok() {
+            anyhow::bail!("another sandboxer is listening on {}", listen.display());
+        }
+        std::fs::remove_file(listen).with_context(|| format!("remove stale socket {}", listen.display()))?;
+    }
+    let listener = UnixListener::bind(listen).with_context(|| format!("listen on {}", listen.display()))?;
+    tracing::info!(socket = %listen.display(), "serving the Sandbox API");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stopping on signal");
+    };
+
+    let result = tonic::transport::Server::builder()
+        .add_service(ControllerServer::new(ControllerService::new(sandboxer)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serve the Sandbox API");
+    let _ = std::fs::remove_file(listen);
+    result
+}
+
+/// Sets up `tracing` output to stderr with the filter `level` (`RUST_LOG` wins when set).
+pub fn init_logging(level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
+        _ => EnvFilter::try_new(level),
+    }
+    .with_context(|| format!("invalid log level {level:?}"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! The Task API (containerd.task.v3) for the containers of one sandbox.
+//!
+//! [`TaskService`] keeps the books every family needs (containers, their init and exec
+//! processes, exit statuses, waiters, events) and leaves running the processes to a
+//! [`ContainerRuntime`].
+
+mod service;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+
+pub use service::{TaskServer, TaskService};
+
+use crate::error::Result;
+use crate::io::{Console, Stdio};
+use crate::reaper::ExitReceiver;
+
+/// A container to create, as containerd describes it.
+#[derive(Debug, Clone)]
+pub struct CreateContainer {
+    /// Container id.
+    pub id: String,
+    /// Host directory holding `config.json`, written by containerd.
+    pub bundle: PathBuf,
+    /// Mounts that make up the root filesystem, to be mounted at `<bundle>/rootfs`.
+    pub rootfs: Vec<Mount>,
+    /// Standard IO of the init process.
+    pub stdio: Stdio,
+}
+
+/// One mount as containerd sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Filesystem type, e.g. `overlay` or `bind`.
+    pub fs_type: String,
+    /// Mount source.
+    pub source: String,
+    /// fstab-style options.
+    pub options: Vec<String>,
+}
+
+/// An additional process to run in a container.
+#[derive(Debug, Clone)]
+pub struct ExecProcess {
+    /// Container id.
+    pub container_id: String,
+    /// Exec id, unique within the container.
+    pub exec_id: String,
+    /// The OCI process spec, as JSON.
+    pub spec: Vec<u8>,
+    /// Standard IO of the process.
+    pub stdio: Stdio,
+}
+
+/// A process the runtime started.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Host pid of the process.
+    pub pid: u32,
+    /// Delivers the process's exit.
+    pub exit: ExitReceiver,
+    /// Its terminal, when it runs on one.
+    pub console: Option<Console>,
+}
+
+/// Which process of a container a signal is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillTarget {
+    /// The init process; with `all`, every process of the container.
+    Init {
+        /// Signal every process in the container.
+        all: bool,
+    },
+    /// An exec process with this host pid.
+    Exec(u32),
+}
+
+/// Runs the processes of containers; what differs between sandbox families.
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Creates a container whose init process waits to be started.
+    async fn create(&self, container: &CreateContainer) -> Result<Spawned>;
+
+    /// Starts the init process of a created container.
+    async fn start(&self, id: &str) -> Result<()>;
+
+    /// Starts an additional process in a running container.
+    async fn exec(&self, process: &ExecProcess) -> Result<Spawned>;
+
+    /// Sends `signal` to a process of container `id`.
+    async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()>;
+
+    /// Removes a container whose processes have exited, and its root filesystem mount.
+    async fn delete(&self, id: &str) -> Result<()>;
+
+    /// Freezes every process of a container.
+    async fn pause(&self, id: &str) -> Result<()>;
+
+    /// Thaws a paused container.
+    async fn resume(&self, id: &str) -> Result<()>;
+
+    /// Applies new resource limits (`LinuxResources`, as JSON).
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()>;
+
+    /// Resource usage of a container, as containerd's cgroup metrics.
+    async fn stats(&self, id: &str) -> Result<Any>;
+
+    /// Host pids of the processes in a container.
+    async fn pids(&self, id: &str) -> Result<Vec<u32>>;
+}
