@@ -21,7 +21,7 @@ impl PodCgroup {
         let mut dirs = Vec::new();
         for mountpoint in hierarchies()? {
             let dir = mountpoint.join(&relative);
-            if let Err(err) = std::fs::create_dir_all(&dir) {
+            if let Err(err) = create_dir_all(&mountpoint, &relative) {
                 let cgroup = Self { dirs };
                 let _ = cgroup.remove();
                 return Err(err).with_context(|| format!("create cgroup {}", dir.display()));
@@ -35,7 +35,8 @@ impl PodCgroup {
     pub fn add(&self, pid: u32) -> anyhow::Result<()> {
         for dir in &self.dirs {
             let procs = dir.join("cgroup.procs");
-            std::fs::write(&procs, pid.to_string()).with_context(|| format!("add pid {pid} to {}", procs.display()))?;
+            std::fs::write(&procs, pid.to_string())
+                .with_context(|| format!("add pid {pid} to {}", procs.display()))?;
         }
         Ok(())
     }
@@ -64,12 +65,42 @@ impl PodCgroup {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    first_error.get_or_insert_with(|| anyhow::Error::new(err).context(format!("remove cgroup {}", dir.display())));
+                    first_error.get_or_insert_with(|| {
+                        anyhow::Error::new(err).context(format!("remove cgroup {}", dir.display()))
+                    });
                 }
             }
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Creates `relative` below `mountpoint` one level at a time, giving each new cpuset
+/// cgroup of a v1 hierarchy its parent's CPUs and memory nodes: an empty cpuset cannot
+/// take processes.
+fn create_dir_all(mountpoint: &Path, relative: &Path) -> std::io::Result<()> {
+    let mut dir = mountpoint.to_path_buf();
+    for component in relative.components() {
+        let parent = dir.clone();
+        dir.push(component);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err),
+        }
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let inherited = parent.join(file);
+            if !inherited.exists() {
+                continue;
+            }
+            let value = std::fs::read_to_string(&inherited)?;
+            let current = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            if current.trim().is_empty() && !value.trim().is_empty() {
+                std::fs::write(dir.join(file), value.trim())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether the host runs the unified (v2-only) cgroup hierarchy.
@@ -94,11 +125,14 @@ fn relative_path(parent: &str) -> anyhow::Result<PathBuf> {
 
 /// Mount points of the cgroup hierarchies of this host.
 fn hierarchies() -> anyhow::Result<Vec<PathBuf>> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
     let mut mounts = Vec::new();
     for line in mountinfo.lines() {
         // "<id> <parent> <dev> <root> <mountpoint> <options> [optional...] - <fstype> <source> <super options>"
-        let Some((fields, tail)) = line.split_once(" - ") else { continue };
+        let Some((fields, tail)) = line.split_once(" - ") else {
+            continue;
+        };
         let fstype = tail.split_whitespace().next().unwrap_or_default();
         if fstype != "cgroup" && fstype != "cgroup2" {
             continue;
@@ -119,7 +153,10 @@ mod tests {
 
     #[test]
     fn parent_paths_stay_inside_the_hierarchy() {
-        assert_eq!(relative_path("/kubepods/besteffort").unwrap(), Path::new("kubepods/besteffort"));
+        assert_eq!(
+            relative_path("/kubepods/besteffort").unwrap(),
+            Path::new("kubepods/besteffort")
+        );
         assert_eq!(relative_path("").unwrap(), Path::new(""));
         assert!(relative_path("/kubepods/../../etc").is_err());
     }
@@ -128,6 +165,9 @@ mod tests {
     fn finds_the_hosts_hierarchies() {
         let mounts = hierarchies().unwrap();
         assert!(!mounts.is_empty(), "no cgroup hierarchy mounted");
-        assert!(mounts.iter().all(|m| m.starts_with("/sys/fs/cgroup")), "{mounts:?}");
+        assert!(
+            mounts.iter().all(|m| m.starts_with("/sys/fs/cgroup")),
+            "{mounts:?}"
+        );
     }
 }

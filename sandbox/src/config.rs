@@ -133,10 +133,19 @@ impl<F: DeserializeOwned + Default> Config<F> {
     fn validate(&self) -> anyhow::Result<()> {
         for (key, path) in [("listen", &self.listen), ("state_dir", &self.state_dir)] {
             if !path.is_absolute() {
-                bail!("{key} must be an absolute path, got {:?}", path.display().to_string());
+                bail!(
+                    "{key} must be an absolute path, got {:?}",
+                    path.display().to_string()
+                );
             }
-            if path.components().any(|c| c == std::path::Component::ParentDir) {
-                bail!("{key} must not contain '..', got {:?}", path.display().to_string());
+            if path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                bail!(
+                    "{key} must not contain '..', got {:?}",
+                    path.display().to_string()
+                );
             }
             if path.parent().is_none() {
                 bail!("{key} must not be the root directory");
@@ -188,14 +197,21 @@ mod tests {
         .unwrap();
         assert_eq!(config.listen, Path::new("/tmp/x.sock"));
         assert_eq!(config.state_dir, Path::new("/run/kuasar/runc"));
-        assert_eq!(config.containerd.events_address(), Path::new("/tmp/c.ttrpc"));
+        assert_eq!(
+            config.containerd.events_address(),
+            Path::new("/tmp/c.ttrpc")
+        );
         assert_eq!(config.family.engine.binary, "/usr/sbin/runc");
     }
 
     #[test]
     fn rejects_relative_and_escaping_paths() {
         let err = Config::<Family>::parse("runc", "state_dir = \"run/x\"").unwrap_err();
-        assert!(err.to_string().contains("state_dir must be an absolute path"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("state_dir must be an absolute path"),
+            "{err}"
+        );
         let err = Config::<Family>::parse("runc", "state_dir = \"/run/../etc\"").unwrap_err();
         assert!(err.to_string().contains("'..'"), "{err}");
         let err = Config::<Family>::parse("runc", "listen = \"/\"").unwrap_err();

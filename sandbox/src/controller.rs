@@ -139,7 +139,11 @@ pub fn host_platform() -> Platform {
         "powerpc64" => "ppc64le",
         other => other,
     };
-    Platform { os: std::env::consts::OS.to_string(), architecture: architecture.to_string(), ..Default::default() }
+    Platform {
+        os: std::env::consts::OS.to_string(),
+        architecture: architecture.to_string(),
+        ..Default::default()
+    }
 }
 
 /// Adapts a [`Sandboxer`] to containerd's gRPC controller service.
@@ -155,8 +159,13 @@ impl<S: Sandboxer> ControllerService<S> {
 }
 
 fn prost_timestamp(time: SystemTime) -> prost_types::Timestamp {
-    let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: since_epoch.as_secs() as i64, nanos: since_epoch.subsec_nanos() as i32 }
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
 }
 
 fn checked_id(id: &str) -> Result<&str> {
@@ -174,30 +183,48 @@ pub fn decode_pod_config(options: Option<&prost_types::Any>) -> Result<Option<Po
     }
     PodSandboxConfig::decode(options.value.as_slice())
         .map(Some)
-        .map_err(|err| Error::InvalidArgument(format!("options are not a valid {POD_CONFIG_TYPE}: {err}")))
+        .map_err(|err| {
+            Error::InvalidArgument(format!("options are not a valid {POD_CONFIG_TYPE}: {err}"))
+        })
 }
 
 #[async_trait]
 impl<S: Sandboxer> Controller for ControllerService<S> {
-    async fn create(&self, request: Request<ControllerCreateRequest>) -> std::result::Result<Response<ControllerCreateResponse>, Status> {
+    async fn create(
+        &self,
+        request: Request<ControllerCreateRequest>,
+    ) -> std::result::Result<Response<ControllerCreateResponse>, Status> {
         let req = request.into_inner();
         let id = checked_id(&req.sandbox_id)?.to_string();
         let netns_path = (!req.netns_path.is_empty()).then(|| PathBuf::from(&req.netns_path));
         if let Some(path) = &netns_path {
             if !path.is_absolute() {
-                return Err(Error::InvalidArgument(format!("sandbox {id:?}: netns path {:?} is not absolute", req.netns_path)).into());
+                return Err(Error::InvalidArgument(format!(
+                    "sandbox {id:?}: netns path {:?} is not absolute",
+                    req.netns_path
+                ))
+                .into());
             }
         }
         let pod = decode_pod_config(req.options.as_ref()).map_err(|err| match err {
             Error::InvalidArgument(msg) => Error::InvalidArgument(format!("sandbox {id:?}: {msg}")),
             other => other,
         })?;
-        let request = SandboxRequest { id: id.clone(), netns_path, pod, rootfs: req.rootfs, annotations: req.annotations };
+        let request = SandboxRequest {
+            id: id.clone(),
+            netns_path,
+            pod,
+            rootfs: req.rootfs,
+            annotations: req.annotations,
+        };
         self.sandboxer.create(request).await?;
         Ok(Response::new(ControllerCreateResponse { sandbox_id: id }))
     }
 
-    async fn start(&self, request: Request<ControllerStartRequest>) -> std::result::Result<Response<ControllerStartResponse>, Status> {
+    async fn start(
+        &self,
+        request: Request<ControllerStartRequest>,
+    ) -> std::result::Result<Response<ControllerStartResponse>, Status> {
         let req = request.into_inner();
         let started = self.sandboxer.start(checked_id(&req.sandbox_id)?).await?;
         Ok(Response::new(ControllerStartResponse {
@@ -211,33 +238,61 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
         }))
     }
 
-    async fn platform(&self, request: Request<ControllerPlatformRequest>) -> std::result::Result<Response<ControllerPlatformResponse>, Status> {
+    async fn platform(
+        &self,
+        request: Request<ControllerPlatformRequest>,
+    ) -> std::result::Result<Response<ControllerPlatformResponse>, Status> {
         let req = request.into_inner();
-        self.sandboxer.status(checked_id(&req.sandbox_id)?, false).await?;
-        Ok(Response::new(ControllerPlatformResponse { platform: Some(self.sandboxer.platform()) }))
+        self.sandboxer
+            .status(checked_id(&req.sandbox_id)?, false)
+            .await?;
+        Ok(Response::new(ControllerPlatformResponse {
+            platform: Some(self.sandboxer.platform()),
+        }))
     }
 
-    async fn stop(&self, request: Request<ControllerStopRequest>) -> std::result::Result<Response<ControllerStopResponse>, Status> {
+    async fn stop(
+        &self,
+        request: Request<ControllerStopRequest>,
+    ) -> std::result::Result<Response<ControllerStopResponse>, Status> {
         let req = request.into_inner();
         let timeout = (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs.into()));
-        self.sandboxer.stop(checked_id(&req.sandbox_id)?, timeout).await?;
+        self.sandboxer
+            .stop(checked_id(&req.sandbox_id)?, timeout)
+            .await?;
         Ok(Response::new(ControllerStopResponse {}))
     }
 
-    async fn wait(&self, request: Request<ControllerWaitRequest>) -> std::result::Result<Response<ControllerWaitResponse>, Status> {
+    async fn wait(
+        &self,
+        request: Request<ControllerWaitRequest>,
+    ) -> std::result::Result<Response<ControllerWaitResponse>, Status> {
         let req = request.into_inner();
         let exit = self.sandboxer.wait(checked_id(&req.sandbox_id)?).await?;
-        Ok(Response::new(ControllerWaitResponse { exit_status: exit.code, exited_at: Some(prost_timestamp(exit.at)) }))
+        Ok(Response::new(ControllerWaitResponse {
+            exit_status: exit.code,
+            exited_at: Some(prost_timestamp(exit.at)),
+        }))
     }
 
-    async fn status(&self, request: Request<ControllerStatusRequest>) -> std::result::Result<Response<ControllerStatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<ControllerStatusRequest>,
+    ) -> std::result::Result<Response<ControllerStatusResponse>, Status> {
         let req = request.into_inner();
-        let status = self.sandboxer.status(checked_id(&req.sandbox_id)?, req.verbose).await?;
+        let status = self
+            .sandboxer
+            .status(checked_id(&req.sandbox_id)?, req.verbose)
+            .await?;
         Ok(Response::new(ControllerStatusResponse {
             sandbox_id: req.sandbox_id,
             pid: status.pid,
             state: status.state.as_str().to_string(),
-            info: if req.verbose { status.info } else { HashMap::new() },
+            info: if req.verbose {
+                status.info
+            } else {
+                HashMap::new()
+            },
             created_at: Some(prost_timestamp(status.created_at)),
             exited_at: status.exited_at.map(prost_timestamp),
             extra: None,
@@ -246,23 +301,40 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
         }))
     }
 
-    async fn shutdown(&self, request: Request<ControllerShutdownRequest>) -> std::result::Result<Response<ControllerShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        request: Request<ControllerShutdownRequest>,
+    ) -> std::result::Result<Response<ControllerShutdownResponse>, Status> {
         let req = request.into_inner();
-        self.sandboxer.shutdown(checked_id(&req.sandbox_id)?).await?;
+        self.sandboxer
+            .shutdown(checked_id(&req.sandbox_id)?)
+            .await?;
         Ok(Response::new(ControllerShutdownResponse {}))
     }
 
-    async fn metrics(&self, request: Request<ControllerMetricsRequest>) -> std::result::Result<Response<ControllerMetricsResponse>, Status> {
+    async fn metrics(
+        &self,
+        request: Request<ControllerMetricsRequest>,
+    ) -> std::result::Result<Response<ControllerMetricsResponse>, Status> {
         let req = request.into_inner();
         let data = self.sandboxer.metrics(checked_id(&req.sandbox_id)?).await?;
-        let metrics = data.map(|data| Metric { timestamp: Some(prost_timestamp(SystemTime::now())), id: req.sandbox_id.clone(), data: Some(data) });
+        let metrics = data.map(|data| Metric {
+            timestamp: Some(prost_timestamp(SystemTime::now())),
+            id: req.sandbox_id.clone(),
+            data: Some(data),
+        });
         Ok(Response::new(ControllerMetricsResponse { metrics }))
     }
 
-    async fn update(&self, request: Request<ControllerUpdateRequest>) -> std::result::Result<Response<ControllerUpdateResponse>, Status> {
+    async fn update(
+        &self,
+        request: Request<ControllerUpdateRequest>,
+    ) -> std::result::Result<Response<ControllerUpdateResponse>, Status> {
         // containerd keeps the sandbox record itself; the sandboxer only has to know it.
         let req = request.into_inner();
-        self.sandboxer.status(checked_id(&req.sandbox_id)?, false).await?;
+        self.sandboxer
+            .status(checked_id(&req.sandbox_id)?, false)
+            .await?;
         Ok(Response::new(ControllerUpdateResponse {}))
     }
 }
@@ -281,11 +353,23 @@ mod tests {
 
     #[test]
     fn decodes_pod_config_and_rejects_garbage() {
-        let config = PodSandboxConfig { hostname: "web-0".into(), ..Default::default() };
-        let any = prost_types::Any { type_url: format!("type.googleapis.com/{POD_CONFIG_TYPE}"), value: config.encode_to_vec() };
-        assert_eq!(decode_pod_config(Some(&any)).unwrap().unwrap().hostname, "web-0");
+        let config = PodSandboxConfig {
+            hostname: "web-0".into(),
+            ..Default::default()
+        };
+        let any = prost_types::Any {
+            type_url: format!("type.googleapis.com/{POD_CONFIG_TYPE}"),
+            value: config.encode_to_vec(),
+        };
+        assert_eq!(
+            decode_pod_config(Some(&any)).unwrap().unwrap().hostname,
+            "web-0"
+        );
 
-        let garbage = prost_types::Any { type_url: POD_CONFIG_TYPE.into(), value: vec![0xff, 0xff, 0xff] };
+        let garbage = prost_types::Any {
+            type_url: POD_CONFIG_TYPE.into(),
+            value: vec![0xff, 0xff, 0xff],
+        };
         let err = decode_pod_config(Some(&garbage)).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 

@@ -151,7 +151,9 @@ async fn forward(address: PathBuf, mut receiver: mpsc::Receiver<(String, TaskEve
 
 /// Converts a wall-clock time into a protobuf timestamp.
 pub fn timestamp(time: SystemTime) -> Timestamp {
-    let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     let mut ts = Timestamp::new();
     ts.seconds = since_epoch.as_secs() as i64;
     ts.nanos = since_epoch.subsec_nanos() as i32;

@@ -13,7 +13,9 @@ const MAX_ID_LEN: usize = 76;
 pub fn validate(kind: &str, id: &str) -> Result<()> {
     let mut chars = id.chars();
     let Some(first) = chars.next() else {
-        return Err(Error::InvalidArgument(format!("{kind} id must not be empty")));
+        return Err(Error::InvalidArgument(format!(
+            "{kind} id must not be empty"
+        )));
     };
     if id.len() > MAX_ID_LEN {
         return Err(Error::InvalidArgument(format!(
@@ -42,7 +44,9 @@ mod tests {
 
     #[test]
     fn rejects_path_like_ids() {
-        for bad in ["", "..", "../x", "a/b", "/abs", ".hidden", "-flag", "a b", "x\0y"] {
+        for bad in [
+            "", "..", "../x", "a/b", "/abs", ".hidden", "-flag", "a b", "x\0y",
+        ] {
             let err = validate("sandbox", bad).unwrap_err();
             assert!(err.to_string().contains("sandbox id"), "{bad:?}: {err}");
         }

@@ -60,7 +60,11 @@ impl Stdio {
         } else {
             Some(forward_stdin(PathBuf::from(&self.stdin))?)
         };
-        Ok(ProcessFds { stdin, stdout: open_output(&self.stdout)?, stderr: open_output(&self.stderr)? })
+        Ok(ProcessFds {
+            stdin,
+            stdout: open_output(&self.stdout)?,
+            stderr: open_output(&self.stderr)?,
+        })
     }
 
     /// Starts copying between a process's pty `master` and the FIFOs.
@@ -88,11 +92,15 @@ impl Stdio {
                 .name("pty-in".into())
                 .spawn(move || match File::open(&path) {
                     Ok(mut fifo) => copy_until_closed(&mut fifo, &mut writer),
-                    Err(err) => tracing::warn!(path = %path.display(), error = %err, "open stdin fifo"),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "open stdin fifo")
+                    }
                 })
                 .context("start pty input copy")?;
         }
-        Ok(Console { master: Arc::new(master) })
+        Ok(Console {
+            master: Arc::new(master),
+        })
     }
 }
 
@@ -101,7 +109,8 @@ impl Stdio {
 /// The FIFO is opened blocking in a thread of its own, so the copy starts whenever
 /// containerd opens its writer and ends when containerd closes it.
 fn forward_stdin(path: PathBuf) -> anyhow::Result<OwnedFd> {
-    let (reader, writer) = nix::unistd::pipe().context("create stdin pipe")?;
+    let (reader, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("create stdin pipe")?;
     let mut writer = File::from(writer);
     std::thread::Builder::new()
         .name("stdin".into())
@@ -138,7 +147,10 @@ pub fn release_stdin(path: &str) {
     }
     // A non-blocking writer open succeeds only while a reader waits; closing it at once
     // gives that reader end-of-file.
-    let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path);
+    let _ = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
 }
 
 /// The pty master of a process running on a terminal.
@@ -181,18 +193,24 @@ mod tests {
     fn output_reaches_the_reader_and_ends_with_the_writer() {
         let dir = tempdir();
         let stdout = fifo(&dir, "out");
-        let stdio = Stdio { stdout: stdout.clone(), ..Default::default() };
+        let stdio = Stdio {
+            stdout: stdout.clone(),
+            ..Default::default()
+        };
 
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            File::open(&stdout).unwrap().read_to_string(&mut text).unwrap();
-            text
-        });
+        // containerd opens its reading end before it asks for the process.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&stdout)
+            .unwrap();
         let fds = stdio.open_direct().unwrap();
         let mut out = File::from(fds.stdout.unwrap());
         out.write_all(b"hello\n").unwrap();
         drop(out);
-        assert_eq!(reader.join().unwrap(), "hello\n");
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "hello\n");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -200,7 +218,10 @@ mod tests {
     fn stdin_ends_when_the_writer_closes() {
         let dir = tempdir();
         let stdin = fifo(&dir, "in");
-        let stdio = Stdio { stdin: stdin.clone(), ..Default::default() };
+        let stdio = Stdio {
+            stdin: stdin.clone(),
+            ..Default::default()
+        };
         let fds = stdio.open_direct().unwrap();
 
         let mut writer = OpenOptions::new().write(true).open(&stdin).unwrap();
@@ -208,7 +229,9 @@ mod tests {
         drop(writer);
 
         let mut text = String::new();
-        File::from(fds.stdin.unwrap()).read_to_string(&mut text).unwrap();
+        File::from(fds.stdin.unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
         assert_eq!(text, "typed");
         std::fs::remove_dir_all(dir).unwrap();
     }

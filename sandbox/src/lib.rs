@@ -18,5 +18,5 @@ pub mod reaper;
 pub mod server;
 pub mod task;
 
-pub use controller::{Sandboxer, SandboxExit, SandboxRequest, SandboxStatus, StartedSandbox};
+pub use controller::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 pub use error::{Error, Result};

@@ -31,15 +31,14 @@ impl PodNamespaces {
             .and_then(|c| c.linux.as_ref())
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.as_ref());
+        // Absent options mean CRI's defaults: every namespace at pod level.
+        let options = options.cloned().unwrap_or_default();
         let mode = |m: i32| NamespaceMode::try_from(m).unwrap_or(NamespaceMode::Pod);
-        match options {
-            None => Self { host_network: false, host_ipc: false, shared_pid: false, host_pid: false },
-            Some(o) => Self {
-                host_network: mode(o.network) == NamespaceMode::Node,
-                host_ipc: mode(o.ipc) == NamespaceMode::Node,
-                shared_pid: mode(o.pid) == NamespaceMode::Pod,
-                host_pid: mode(o.pid) == NamespaceMode::Node,
-            },
+        Self {
+            host_network: mode(options.network) == NamespaceMode::Node,
+            host_ipc: mode(options.ipc) == NamespaceMode::Node,
+            shared_pid: mode(options.pid) == NamespaceMode::Pod,
+            host_pid: mode(options.pid) == NamespaceMode::Node,
         }
     }
 }
@@ -56,7 +55,10 @@ pub struct PodFiles {
 impl PodFiles {
     /// Locates the files of sandbox `id` (a validated id) under CRI's directories.
     pub fn new(cri_root_dir: &Path, cri_state_dir: &Path, id: &str) -> Self {
-        Self { root: cri_root_dir.join("sandboxes").join(id), state: cri_state_dir.join("sandboxes").join(id) }
+        Self {
+            root: cri_root_dir.join("sandboxes").join(id),
+            state: cri_state_dir.join("sandboxes").join(id),
+        }
     }
 
     /// Path of the pod's shared `/dev/shm`.
@@ -67,7 +69,8 @@ impl PodFiles {
     /// Writes hostname, hosts and resolv.conf, and mounts the pod's `/dev/shm` unless the
     /// pod uses the host's IPC namespace.
     pub fn create(&self, config: Option<&PodSandboxConfig>, hostname: &str) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.root).with_context(|| format!("create {}", self.root.display()))?;
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("create {}", self.root.display()))?;
         write(&self.root.join("hostname"), &format!("{hostname}\n"))?;
         write(&self.root.join("hosts"), &hosts_file(hostname))?;
         write(&self.root.join("resolv.conf"), &resolv_conf(config)?)?;
@@ -147,14 +150,19 @@ fn resolv_conf(config: Option<&PodSandboxConfig>) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_cri::v1::{DnsConfig, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption};
+    use k8s_cri::v1::{
+        DnsConfig, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption,
+    };
 
     #[test]
     fn resolv_conf_follows_the_pod_dns_config() {
         let config = PodSandboxConfig {
             dns_config: Some(DnsConfig {
                 servers: vec!["10.96.0.10".into()],
-                searches: vec!["default.svc.cluster.local".into(), "svc.cluster.local".into()],
+                searches: vec![
+                    "default.svc.cluster.local".into(),
+                    "svc.cluster.local".into(),
+                ],
                 options: vec!["ndots:5".into()],
             }),
             ..Default::default()
@@ -186,7 +194,12 @@ mod tests {
         assert!(ns.host_network && ns.shared_pid && !ns.host_ipc && !ns.host_pid);
         assert_eq!(
             PodNamespaces::of(None),
-            PodNamespaces { host_network: false, host_ipc: false, shared_pid: false, host_pid: false }
+            PodNamespaces {
+                host_network: false,
+                host_ipc: false,
+                shared_pid: true,
+                host_pid: false
+            }
         );
     }
 

@@ -36,7 +36,10 @@ pub struct ExitStatus {
 impl ExitStatus {
     /// An exit that happened now with `code`.
     pub fn now(code: i32) -> Self {
-        Self { code, at: SystemTime::now() }
+        Self {
+            code,
+            at: SystemTime::now(),
+        }
     }
 }
 
@@ -106,7 +109,9 @@ fn reap_all() {
             }
         }
     }
-    exits.unclaimed.retain(|_, (_, reaped)| reaped.elapsed() < UNCLAIMED_TTL);
+    exits
+        .unclaimed
+        .retain(|_, (_, reaped)| reaped.elapsed() < UNCLAIMED_TTL);
 }
 
 /// Watches the process `pid`, a child (or re-parented descendant) of the sandboxer.
@@ -167,7 +172,11 @@ pub async fn output(command: &mut Command) -> std::io::Result<Output> {
     let status = exit
         .await
         .map_err(|_| std::io::Error::other("reaper dropped the exit of a command"))?;
-    Ok(Output { status, stdout, stderr })
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 async fn read_pipe(fd: Option<OwnedFd>) -> std::io::Result<Vec<u8>> {
@@ -194,12 +203,20 @@ mod tests {
         assert_eq!(out.stdout, b"out\n");
         assert_eq!(out.stderr, b"err\n");
 
-        let out = output(Command::new("sh").args(["-c", "kill -9 $$"])).await.unwrap();
+        let out = output(Command::new("sh").args(["-c", "kill -9 $$"]))
+            .await
+            .unwrap();
         assert_eq!(out.status.code, 128 + 9);
 
         // A grandchild whose parent exits is re-parented to us and still reported.
-        let out = output(Command::new("sh").args(["-c", "sleep 0.2 & echo $!"])).await.unwrap();
-        let grandchild: u32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+        let out = output(Command::new("sh").args(["-c", "sleep 0.2 & echo $!"]))
+            .await
+            .unwrap();
+        let grandchild: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(10), watch(grandchild))
             .await
             .expect("grandchild exit reported")
@@ -210,7 +227,9 @@ mod tests {
     #[tokio::test]
     async fn missing_binary_is_an_error_not_a_panic() {
         start().unwrap();
-        let err = output(&mut Command::new("/nonexistent/kuasar-binary")).await.unwrap_err();
+        let err = output(&mut Command::new("/nonexistent/kuasar-binary"))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use containerd_shim_protos::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
-    PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
-    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
-    WaitRequest, WaitResponse,
+    PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse,
+    StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest,
+    WaitResponse,
 };
 use containerd_shim_protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
@@ -57,6 +57,9 @@ struct Container {
 struct Exec {
     spec: Vec<u8>,
     stdio: Stdio,
+    /// Set when the exec process exits; created with the exec so that a Wait arriving
+    /// before Start has something to wait on.
+    exit: watch::Sender<Option<ExitStatus>>,
     process: Option<Process>,
 }
 
@@ -117,7 +120,10 @@ impl<R: ContainerRuntime> TaskService<R> {
         let ids = self.container_ids();
         for id in &ids {
             if self.exit_of(id).is_none() {
-                let _ = self.runtime.kill(id, KillTarget::Init { all: true }, libc::SIGTERM as u32).await;
+                let _ = self
+                    .runtime
+                    .kill(id, KillTarget::Init { all: true }, libc::SIGTERM as u32)
+                    .await;
             }
         }
         let deadline = tokio::time::Instant::now() + grace;
@@ -125,9 +131,14 @@ impl<R: ContainerRuntime> TaskService<R> {
             let Some(mut exit) = self.lock().get(id).map(|c| c.init.exit.clone()) else {
                 continue;
             };
-            let exited = tokio::time::timeout_at(deadline, exit.wait_for(Option::is_some)).await;
-            if exited.is_err() {
-                let _ = self.runtime.kill(id, KillTarget::Init { all: true }, libc::SIGKILL as u32).await;
+            let exited = tokio::time::timeout_at(deadline, exit.wait_for(Option::is_some))
+                .await
+                .is_ok_and(|waited| waited.is_ok());
+            if !exited {
+                let _ = self
+                    .runtime
+                    .kill(id, KillTarget::Init { all: true }, libc::SIGKILL as u32)
+                    .await;
             }
         }
         for id in ids {
@@ -136,7 +147,9 @@ impl<R: ContainerRuntime> TaskService<R> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
-        self.containers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.containers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn exit_of(&self, id: &str) -> Option<ExitStatus> {
@@ -144,26 +157,64 @@ impl<R: ContainerRuntime> TaskService<R> {
     }
 
     /// Publishes the exit of a process when it happens and records it for waiters.
-    fn monitor(&self, spawned: Spawned, container_id: &str, exec_id: &str, namespace: &str) -> Process {
+    fn monitor(
+        &self,
+        spawned: Spawned,
+        container_id: &str,
+        exec_id: &str,
+        namespace: &str,
+    ) -> Process {
         let (sender, receiver) = watch::channel(None);
-        let pid = spawned.pid;
+        self.monitor_into(
+            spawned.exit,
+            sender,
+            spawned.pid,
+            container_id,
+            exec_id,
+            namespace,
+        );
+        Process {
+            pid: spawned.pid,
+            stdio: Stdio::default(),
+            state: RunState::Created,
+            exit: receiver,
+            console: spawned.console,
+        }
+    }
+
+    /// Records the exit arriving on `exit` in `sender` and publishes it.
+    fn monitor_into(
+        &self,
+        exit: crate::reaper::ExitReceiver,
+        sender: watch::Sender<Option<ExitStatus>>,
+        pid: u32,
+        container_id: &str,
+        exec_id: &str,
+        namespace: &str,
+    ) {
         let events = self.events.clone();
-        let (container_id, exec_id, namespace) =
-            (container_id.to_string(), exec_id.to_string(), namespace.to_string());
+        let (container_id, exec_id, namespace) = (
+            container_id.to_string(),
+            exec_id.to_string(),
+            namespace.to_string(),
+        );
         let sandbox_id = self.sandbox_id.clone();
         tokio::spawn(async move {
-            let exit = spawned.exit.await.unwrap_or_else(|_| ExitStatus::now(255));
+            let exit = exit.await.unwrap_or_else(|_| ExitStatus::now(255));
             tracing::info!(%sandbox_id, %container_id, %exec_id, pid, exit_code = exit.code, "process exited");
             let _ = sender.send(Some(exit));
             let mut event = TaskExit::new();
             event.container_id = container_id.clone();
-            event.id = if exec_id.is_empty() { container_id } else { exec_id };
+            event.id = if exec_id.is_empty() {
+                container_id
+            } else {
+                exec_id
+            };
             event.pid = pid;
             event.exit_status = exit.code as u32;
             event.exited_at = Some(timestamp(exit.at)).into();
             events.publish(&namespace, TaskEvent::Exit(event));
         });
-        Process { pid, stdio: Stdio::default(), state: RunState::Created, exit: receiver, console: spawned.console }
     }
 
     async fn remove_container(&self, id: &str) -> Result<(u32, ExitStatus, String)> {
@@ -171,12 +222,21 @@ impl<R: ContainerRuntime> TaskService<R> {
         let (pid, mut exit, namespace, stdin) = {
             let containers = self.lock();
             let container = containers.get(id).ok_or_else(|| container_not_found(id))?;
-            (container.init.pid, container.init.exit.clone(), container.namespace.clone(), container.init.stdio.stdin.clone())
+            (
+                container.init.pid,
+                container.init.exit.clone(),
+                container.namespace.clone(),
+                container.init.stdio.stdin.clone(),
+            )
         };
         self.runtime.delete(id).await?;
-        let exit = match tokio::time::timeout(DELETE_EXIT_TIMEOUT, exit.wait_for(Option::is_some)).await {
-            Ok(Ok(exit)) => exit.unwrap_or_else(|| ExitStatus::now(255)),
-            _ => {
+        let waited = tokio::time::timeout(DELETE_EXIT_TIMEOUT, exit.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|waited| waited.ok().and_then(|exit| *exit));
+        let exit = match waited {
+            Some(exit) => exit,
+            None => {
                 tracing::warn!(sandbox_id = %self.sandbox_id, container_id = %id, pid, "no exit seen after delete");
                 ExitStatus::now(255)
             }
@@ -204,16 +264,26 @@ fn exec_not_found(id: &str, exec_id: &str) -> Error {
 }
 
 fn finished(id: &str, exec_id: &str) -> Error {
-    let what = if exec_id.is_empty() { format!("container {id:?}") } else { format!("exec {exec_id:?} of container {id:?}") };
+    let what = if exec_id.is_empty() {
+        format!("container {id:?}")
+    } else {
+        format!("exec {exec_id:?} of container {id:?}")
+    };
     Error::NotFound(format!("process of {what}: process already finished;"))
 }
 
 #[async_trait]
 impl<R: ContainerRuntime> Task for TaskService<R> {
-    async fn create(&self, ctx: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
+    async fn create(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
         id::validate("container", &req.id)?;
         if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented("restoring a container from a checkpoint".into()).into());
+            return Err(
+                Error::Unimplemented("restoring a container from a checkpoint".into()).into(),
+            );
         }
         let namespace = namespace(ctx);
         let _guard = self.lifecycle.lock().await;
@@ -221,38 +291,75 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             return Err(Error::AlreadyExists(format!("container {:?}", req.id)).into());
         }
 
-        let stdio = Stdio { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let container = CreateContainer {
             id: req.id.clone(),
             bundle: PathBuf::from(&req.bundle),
-            rootfs: req.rootfs.iter().map(|m| Mount { fs_type: m.type_.clone(), source: m.source.clone(), options: m.options.clone() }).collect(),
+            rootfs: req
+                .rootfs
+                .iter()
+                .map(|m| Mount {
+                    fs_type: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
             stdio: stdio.clone(),
         };
         let spawned = self.runtime.create(&container).await?;
         let mut init = self.monitor(spawned, &req.id, "", &namespace);
         init.stdio = stdio;
         let pid = init.pid;
-        self.lock().insert(req.id.clone(), Container { namespace: namespace.clone(), bundle: req.bundle.clone(), init, execs: HashMap::new() });
+        self.lock().insert(
+            req.id.clone(),
+            Container {
+                namespace: namespace.clone(),
+                bundle: req.bundle.clone(),
+                init,
+                execs: HashMap::new(),
+            },
+        );
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, pid, "container created");
 
         let mut event = TaskCreate::new();
         event.container_id = req.id.clone();
         event.bundle = req.bundle.clone();
         event.rootfs = req.rootfs.clone();
-        event.io = Some(TaskIO { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal, ..Default::default() }).into();
+        event.io = Some(TaskIO {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+            ..Default::default()
+        })
+        .into();
         event.pid = pid;
         self.events.publish(&namespace, TaskEvent::Create(event));
 
-        Ok(CreateTaskResponse { pid, ..Default::default() })
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         if req.exec_id.is_empty() {
             let (pid, namespace) = {
                 let containers = self.lock();
-                let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+                let container = containers
+                    .get(&req.id)
+                    .ok_or_else(|| container_not_found(&req.id))?;
                 if container.init.state != RunState::Created || container.init.exited().is_some() {
-                    return Err(Error::FailedPrecondition(format!("container {:?} is not in created state", req.id)).into());
+                    return Err(Error::FailedPrecondition(format!(
+                        "container {:?} is not in created state",
+                        req.id
+                    ))
+                    .into());
                 }
                 (container.init.pid, container.namespace.clone())
             };
@@ -265,47 +372,100 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             event.container_id = req.id;
             event.pid = pid;
             self.events.publish(&namespace, TaskEvent::Start(event));
-            return Ok(StartResponse { pid, ..Default::default() });
+            return Ok(StartResponse {
+                pid,
+                ..Default::default()
+            });
         }
 
         let (process, namespace) = {
             let containers = self.lock();
-            let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+            let container = containers
+                .get(&req.id)
+                .ok_or_else(|| container_not_found(&req.id))?;
             if container.init.exited().is_some() {
-                return Err(Error::FailedPrecondition(format!("container {:?} has exited", req.id)).into());
+                return Err(Error::FailedPrecondition(format!(
+                    "container {:?} has exited",
+                    req.id
+                ))
+                .into());
             }
-            let exec = container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+            let exec = container
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
             if exec.process.is_some() {
-                return Err(Error::FailedPrecondition(format!("exec {:?} of container {:?} already started", req.exec_id, req.id)).into());
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {:?} of container {:?} already started",
+                    req.exec_id, req.id
+                ))
+                .into());
             }
-            let process = ExecProcess { container_id: req.id.clone(), exec_id: req.exec_id.clone(), spec: exec.spec.clone(), stdio: exec.stdio.clone() };
+            let process = ExecProcess {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                spec: exec.spec.clone(),
+                stdio: exec.stdio.clone(),
+            };
             (process, container.namespace.clone())
         };
-        let spawned = self.runtime.exec(&process).await?;
-        let mut started = self.monitor(spawned, &req.id, &req.exec_id, &namespace);
-        started.stdio = process.stdio;
-        started.state = RunState::Running;
-        let pid = started.pid;
-        if let Some(exec) = self.lock().get_mut(&req.id).and_then(|c| c.execs.get_mut(&req.exec_id)) {
-            exec.process = Some(started);
-        }
+        let spawned = match self.runtime.exec(&process).await {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                // Waiters learn that the process will never run.
+                if let Some(exec) = self
+                    .lock()
+                    .get(&req.id)
+                    .and_then(|c| c.execs.get(&req.exec_id))
+                {
+                    exec.exit.send_replace(Some(ExitStatus::now(255)));
+                }
+                return Err(err.into());
+            }
+        };
+        let pid = spawned.pid;
+        let sender = {
+            let mut containers = self.lock();
+            let exec = containers
+                .get_mut(&req.id)
+                .and_then(|c| c.execs.get_mut(&req.exec_id))
+                .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+            exec.process = Some(Process {
+                pid,
+                stdio: process.stdio,
+                state: RunState::Running,
+                exit: exec.exit.subscribe(),
+                console: spawned.console,
+            });
+            exec.exit.clone()
+        };
+        self.monitor_into(spawned.exit, sender, pid, &req.id, &req.exec_id, &namespace);
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, exec_id = %req.exec_id, pid, "exec started");
         let mut event = TaskExecStarted::new();
         event.container_id = req.id;
         event.exec_id = req.exec_id;
         event.pid = pid;
-        self.events.publish(&namespace, TaskEvent::ExecStarted(event));
-        Ok(StartResponse { pid, ..Default::default() })
+        self.events
+            .publish(&namespace, TaskEvent::ExecStarted(event));
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         let containers = self.lock();
-        let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+        let container = containers
+            .get(&req.id)
+            .ok_or_else(|| container_not_found(&req.id))?;
         let (pid, status, stdio, exit) = if req.exec_id.is_empty() {
             let init = &container.init;
             (init.pid, init.status(), &init.stdio, init.exited())
         } else {
-            let exec = container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+            let exec = container
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
             match &exec.process {
                 Some(p) => (p.pid, p.status(), &p.stdio, p.exited()),
                 None => (0, Status::CREATED, &exec.stdio, None),
@@ -328,7 +488,11 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
         Ok(response)
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
         if req.exec_id.is_empty() {
             let (pid, exit, namespace) = self.remove_container(&req.id).await?;
             tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, "container deleted");
@@ -339,24 +503,43 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             event.exit_status = exit.code as u32;
             event.exited_at = Some(timestamp(exit.at)).into();
             self.events.publish(&namespace, TaskEvent::Delete(event));
-            return Ok(DeleteResponse { pid, exit_status: exit.code as u32, exited_at: Some(timestamp(exit.at)).into(), ..Default::default() });
+            return Ok(DeleteResponse {
+                pid,
+                exit_status: exit.code as u32,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            });
         }
 
         let mut containers = self.lock();
-        let container = containers.get_mut(&req.id).ok_or_else(|| container_not_found(&req.id))?;
-        let exec = container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+        let container = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| container_not_found(&req.id))?;
+        let exec = container
+            .execs
+            .get(&req.exec_id)
+            .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
         let (pid, exit) = match &exec.process {
             None => (0, ExitStatus::now(0)),
             Some(p) => match p.exited() {
                 Some(exit) => (p.pid, exit),
                 None => {
-                    return Err(Error::FailedPrecondition(format!("exec {:?} of container {:?} is still running", req.exec_id, req.id)).into())
+                    return Err(Error::FailedPrecondition(format!(
+                        "exec {:?} of container {:?} is still running",
+                        req.exec_id, req.id
+                    ))
+                    .into())
                 }
             },
         };
         io::release_stdin(&exec.stdio.stdin);
         container.execs.remove(&req.exec_id);
-        Ok(DeleteResponse { pid, exit_status: exit.code as u32, exited_at: Some(timestamp(exit.at)).into(), ..Default::default() })
+        Ok(DeleteResponse {
+            pid,
+            exit_status: exit.code as u32,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
@@ -365,46 +548,83 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
         }
         let processes = self.runtime.pids(&req.id).await?;
         Ok(PidsResponse {
-            processes: processes.into_iter().map(|pid| ProcessInfo { pid, ..Default::default() }).collect(),
+            processes: processes
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         })
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
-        let namespace = self.lock().get(&req.id).map(|c| c.namespace.clone()).ok_or_else(|| container_not_found(&req.id))?;
+        let namespace = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.namespace.clone())
+            .ok_or_else(|| container_not_found(&req.id))?;
         self.runtime.pause(&req.id).await?;
         if let Some(c) = self.lock().get_mut(&req.id) {
             c.init.state = RunState::Paused;
         }
-        self.events.publish(&namespace, TaskEvent::Paused(TaskPaused { container_id: req.id, ..Default::default() }));
+        self.events.publish(
+            &namespace,
+            TaskEvent::Paused(TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
         Ok(Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
-        let namespace = self.lock().get(&req.id).map(|c| c.namespace.clone()).ok_or_else(|| container_not_found(&req.id))?;
+        let namespace = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.namespace.clone())
+            .ok_or_else(|| container_not_found(&req.id))?;
         self.runtime.resume(&req.id).await?;
         if let Some(c) = self.lock().get_mut(&req.id) {
             c.init.state = RunState::Running;
         }
-        self.events.publish(&namespace, TaskEvent::Resumed(TaskResumed { container_id: req.id, ..Default::default() }));
+        self.events.publish(
+            &namespace,
+            TaskEvent::Resumed(TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
         Ok(Empty::new())
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         let target = {
             let containers = self.lock();
-            let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+            let container = containers
+                .get(&req.id)
+                .ok_or_else(|| container_not_found(&req.id))?;
             if req.exec_id.is_empty() {
                 if container.init.exited().is_some() && !req.all {
                     return Err(finished(&req.id, "").into());
                 }
                 KillTarget::Init { all: req.all }
             } else {
-                let exec = container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+                let exec = container
+                    .execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
                 match &exec.process {
                     Some(p) if p.exited().is_none() => KillTarget::Exec(p.pid),
                     Some(_) => return Err(finished(&req.id, &req.exec_id).into()),
-                    None => return Err(Error::FailedPrecondition(format!("exec {:?} of container {:?} is not started", req.exec_id, req.id)).into()),
+                    None => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "exec {:?} of container {:?} is not started",
+                            req.exec_id, req.id
+                        ))
+                        .into())
+                    }
                 }
             }
         };
@@ -415,21 +635,53 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
         id::validate("exec", &req.exec_id)?;
-        let spec = req.spec.as_ref().map(|any| any.value.clone()).unwrap_or_default();
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|any| any.value.clone())
+            .unwrap_or_default();
         if spec.is_empty() {
-            return Err(Error::InvalidArgument(format!("exec {:?} has no process spec", req.exec_id)).into());
+            return Err(Error::InvalidArgument(format!(
+                "exec {:?} has no process spec",
+                req.exec_id
+            ))
+            .into());
         }
         let namespace = {
             let mut containers = self.lock();
-            let container = containers.get_mut(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+            let container = containers
+                .get_mut(&req.id)
+                .ok_or_else(|| container_not_found(&req.id))?;
             if container.init.exited().is_some() {
-                return Err(Error::FailedPrecondition(format!("container {:?} has exited", req.id)).into());
+                return Err(Error::FailedPrecondition(format!(
+                    "container {:?} has exited",
+                    req.id
+                ))
+                .into());
             }
             if container.execs.contains_key(&req.exec_id) {
-                return Err(Error::AlreadyExists(format!("exec {:?} of container {:?}", req.exec_id, req.id)).into());
+                return Err(Error::AlreadyExists(format!(
+                    "exec {:?} of container {:?}",
+                    req.exec_id, req.id
+                ))
+                .into());
             }
-            let stdio = Stdio { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-            container.execs.insert(req.exec_id.clone(), Exec { spec, stdio, process: None });
+            let stdio = Stdio {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            };
+            let exit = watch::channel(None).0;
+            container.execs.insert(
+                req.exec_id.clone(),
+                Exec {
+                    spec,
+                    stdio,
+                    exit,
+                    process: None,
+                },
+            );
             container.namespace.clone()
         };
         let mut event = TaskExecAdded::new();
@@ -442,17 +694,30 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
         let console = {
             let containers = self.lock();
-            let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+            let container = containers
+                .get(&req.id)
+                .ok_or_else(|| container_not_found(&req.id))?;
             let process = if req.exec_id.is_empty() {
                 Some(&container.init)
             } else {
-                container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?.process.as_ref()
+                container
+                    .execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?
+                    .process
+                    .as_ref()
             };
             process.and_then(|p| p.console.clone())
         };
         match console {
             Some(console) => console.resize(req.width, req.height).map_err(Error::from)?,
-            None => return Err(Error::FailedPrecondition(format!("process of container {:?} has no terminal", req.id)).into()),
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "process of container {:?} has no terminal",
+                    req.id
+                ))
+                .into())
+            }
         }
         Ok(Empty::new())
     }
@@ -461,7 +726,9 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
         // Stdin is a FIFO copy that ends when containerd closes its writer; nothing to do
         // beyond checking that the process exists.
         let containers = self.lock();
-        let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+        let container = containers
+            .get(&req.id)
+            .ok_or_else(|| container_not_found(&req.id))?;
         if !req.exec_id.is_empty() && !container.execs.contains_key(&req.exec_id) {
             return Err(exec_not_found(&req.id, &req.exec_id).into());
         }
@@ -472,9 +739,17 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
         if !self.lock().contains_key(&req.id) {
             return Err(container_not_found(&req.id).into());
         }
-        let resources = req.resources.as_ref().map(|any| any.value.clone()).unwrap_or_default();
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|any| any.value.clone())
+            .unwrap_or_default();
         if resources.is_empty() {
-            return Err(Error::InvalidArgument(format!("update of container {:?} has no resources", req.id)).into());
+            return Err(Error::InvalidArgument(format!(
+                "update of container {:?} has no resources",
+                req.id
+            ))
+            .into());
         }
         self.runtime.update(&req.id, &resources).await?;
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, "resources updated");
@@ -484,15 +759,17 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         let mut exit = {
             let containers = self.lock();
-            let container = containers.get(&req.id).ok_or_else(|| container_not_found(&req.id))?;
+            let container = containers
+                .get(&req.id)
+                .ok_or_else(|| container_not_found(&req.id))?;
             if req.exec_id.is_empty() {
                 container.init.exit.clone()
             } else {
-                let exec = container.execs.get(&req.exec_id).ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
-                match &exec.process {
-                    Some(p) => p.exit.clone(),
-                    None => return Err(Error::FailedPrecondition(format!("exec {:?} of container {:?} is not started", req.exec_id, req.id)).into()),
-                }
+                let exec = container
+                    .execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| exec_not_found(&req.id, &req.exec_id))?;
+                exec.exit.subscribe()
             }
         };
         let exit = exit
@@ -500,7 +777,11 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             .await
             .map_err(|_| Error::internal(format!("exit of container {:?} was lost", req.id)))?
             .unwrap_or_else(|| ExitStatus::now(255));
-        Ok(WaitResponse { exit_status: exit.code as u32, exited_at: Some(timestamp(exit.at)).into(), ..Default::default() })
+        Ok(WaitResponse {
+            exit_status: exit.code as u32,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
@@ -508,12 +789,28 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             return Err(container_not_found(&req.id).into());
         }
         let stats = self.runtime.stats(&req.id).await?;
-        Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
+        Ok(StatsResponse {
+            stats: Some(stats).into(),
+            ..Default::default()
+        })
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
-        let task_pid = self.lock().get(&req.id).map(|c| c.init.pid).unwrap_or_default();
-        Ok(ConnectResponse { shim_pid: std::process::id(), task_pid, version: "3".into(), ..Default::default() })
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
+        let task_pid = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.init.pid)
+            .unwrap_or_default();
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: "3".into(),
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
@@ -524,30 +821,45 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
 
 /// A ttrpc server exposing one sandbox's [`TaskService`] on a unix socket.
 pub struct TaskServer {
-    server: ttrpc::r#async::Server,
+    server: Mutex<ttrpc::r#async::Server>,
     socket: PathBuf,
 }
 
 impl TaskServer {
     /// Serves `service` on the unix socket `socket`, replacing a stale socket file.
-    pub async fn start<R: ContainerRuntime>(socket: &Path, service: Arc<TaskService<R>>) -> anyhow::Result<Self> {
+    pub async fn start<R: ContainerRuntime>(
+        socket: &Path,
+        service: Arc<TaskService<R>>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
 
         if socket.as_os_str().len() >= 108 {
-            anyhow::bail!("task socket path {} is too long for a unix socket", socket.display());
+            anyhow::bail!(
+                "task socket path {} is too long for a unix socket",
+                socket.display()
+            );
         }
         match std::fs::remove_file(socket) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err).with_context(|| format!("remove stale socket {}", socket.display())),
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("remove stale socket {}", socket.display()))
+            }
         }
         let address = format!("unix://{}", socket.display());
         let mut server = ttrpc::r#async::Server::new()
             .bind(&address)
             .with_context(|| format!("bind task socket {}", socket.display()))?
             .register_service(create_task(service));
-        server.start().await.with_context(|| format!("serve task socket {}", socket.display()))?;
-        Ok(Self { server, socket: socket.to_path_buf() })
+        server
+            .start()
+            .await
+            .with_context(|| format!("serve task socket {}", socket.display()))?;
+        Ok(Self {
+            server: Mutex::new(server),
+            socket: socket.to_path_buf(),
+        })
     }
 
     /// The address containerd dials: `ttrpc+unix://<socket>`.
@@ -556,8 +868,12 @@ impl TaskServer {
     }
 
     /// Stops serving and removes the socket.
-    pub async fn shutdown(mut self) {
-        let _ = self.server.shutdown().await;
+    pub async fn shutdown(self) {
+        let mut server = self
+            .server
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = server.shutdown().await;
         let _ = std::fs::remove_file(&self.socket);
     }
 }

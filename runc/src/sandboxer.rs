@@ -1,0 +1,390 @@
+//! Pods as Linux namespaces: the runc family's [`Sandboxer`].
+//!
+//! A pod is a namespace holder process, a cgroup under the pod's cgroup parent, the files
+//! CRI mounts into its containers, and a Task API server whose containers runc creates
+//! in the holder's namespaces (containerd writes those namespace paths into each
+//! container's spec from the pid that `start` returns).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use kuasar_sandbox::cgroup::PodCgroup;
+use kuasar_sandbox::config::Config;
+use kuasar_sandbox::controller::SandboxState;
+use kuasar_sandbox::error::{Error, Result};
+use kuasar_sandbox::events::EventPublisher;
+use kuasar_sandbox::pod::{PodFiles, PodNamespaces};
+use kuasar_sandbox::task::{TaskServer, TaskService};
+use kuasar_sandbox::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use crate::config::RuncSettings;
+use crate::holder::{self, HolderSpec};
+use crate::runtime::RuncRuntime;
+
+/// Task API version served to containerd.
+const TASK_API_VERSION: u32 = 3;
+
+/// Grace period for containers when a pod is stopped without a timeout.
+const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a killed holder may take to be reaped.
+const HOLDER_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The runc family's sandboxes.
+pub struct RuncSandboxer {
+    config: Config<RuncSettings>,
+    runtime: Arc<RuncRuntime>,
+    events: EventPublisher,
+    sandboxes: Mutex<HashMap<String, Arc<PodSandbox>>>,
+}
+
+struct PodSandbox {
+    request: SandboxRequest,
+    created_at: SystemTime,
+    /// Where the sandbox's Task API listens; short enough for any sandbox id.
+    socket: PathBuf,
+    files: PodFiles,
+    exit: watch::Sender<Option<SandboxExit>>,
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+struct Running {
+    holder_pid: u32,
+    tasks: Arc<TaskService<RuncRuntime>>,
+    server: TaskServer,
+    cgroup: Option<PodCgroup>,
+    address: String,
+}
+
+impl RuncSandboxer {
+    /// A sandboxer with `config`, publishing task events through `events`.
+    pub fn new(config: Config<RuncSettings>, events: EventPublisher) -> anyhow::Result<Self> {
+        let state_dir = &config.state_dir;
+        let work_dir = state_dir.join("work");
+        if work_dir.exists() {
+            std::fs::remove_dir_all(&work_dir)
+                .with_context(|| format!("clear {}", work_dir.display()))?;
+        }
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("create {}", work_dir.display()))?;
+        let root = config
+            .family
+            .runc
+            .root
+            .clone()
+            .unwrap_or_else(|| state_dir.join("runc"));
+        let runtime = RuncRuntime::new(config.family.runc.binary.clone(), root, work_dir);
+        Ok(Self {
+            config,
+            runtime: Arc::new(runtime),
+            events,
+            sandboxes: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodSandbox>>> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<PodSandbox>> {
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("sandbox {id:?}")))
+    }
+
+    async fn start_pod(&self, id: &str, sandbox: &PodSandbox) -> anyhow::Result<Running> {
+        let pod = sandbox.request.pod.as_ref();
+        let namespaces = PodNamespaces::of(pod);
+        if let Some(netns) = &sandbox.request.netns_path {
+            if !namespaces.host_network && !netns.exists() {
+                anyhow::bail!("network namespace {} does not exist", netns.display());
+            }
+        }
+        let hostname = match pod.map(|p| p.hostname.as_str()).filter(|h| !h.is_empty()) {
+            Some(name) if !namespaces.host_network => name.to_string(),
+            _ => nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let spec = HolderSpec::for_pod(namespaces, sandbox.request.netns_path.clone(), &hostname);
+        let holder = holder::spawn(&spec)
+            .await
+            .context("start the namespace holder")?;
+        let holder_pid = holder.pid;
+
+        let mut cleanup = Cleanup {
+            holder_pid: Some(holder_pid),
+            cgroup: None,
+            files: None,
+        };
+        let cgroup_parent = pod
+            .and_then(|p| p.linux.as_ref())
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
+        if !cgroup_parent.is_empty() {
+            let cgroup = PodCgroup::create(cgroup_parent, id)?;
+            cleanup.cgroup = Some(cgroup.clone());
+            cgroup.add(holder_pid)?;
+        }
+        sandbox.files.create(pod, &hostname)?;
+        cleanup.files = Some(sandbox.files.clone());
+
+        let tasks = Arc::new(TaskService::new(
+            id,
+            self.runtime.clone(),
+            self.events.clone(),
+        ));
+        let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
+        let address = server.address();
+
+        let exit = sandbox.exit.clone();
+        let sandbox_id = id.to_string();
+        let holder_exit = holder.exit;
+        tokio::spawn(async move {
+            let status = holder_exit
+                .await
+                .map(|s| (s.code as u32, s.at))
+                .unwrap_or((255, SystemTime::now()));
+            tracing::info!(%sandbox_id, pid = holder_pid, exit_code = status.0, "namespace holder exited");
+            exit.send_replace(Some(SandboxExit {
+                code: status.0,
+                at: status.1,
+            }));
+        });
+
+        let cgroup = cleanup.cgroup.take();
+        cleanup.disarm();
+        Ok(Running {
+            holder_pid,
+            tasks,
+            server,
+            cgroup,
+            address,
+        })
+    }
+
+    async fn stop_pod(&self, id: &str, sandbox: &PodSandbox, running: &Running, grace: Duration) {
+        running.tasks.kill_all(grace).await;
+        if sandbox.exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(running.holder_pid as i32), Signal::SIGKILL);
+            let mut exit = sandbox.exit.subscribe();
+            if tokio::time::timeout(HOLDER_EXIT_TIMEOUT, exit.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox_id = %id, pid = running.holder_pid, "namespace holder did not exit after SIGKILL");
+            }
+        }
+    }
+}
+
+/// FNV-1a hash of a sandbox id, naming its socket.
+fn fnv1a(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Undoes a half-started pod when dropped armed.
+struct Cleanup {
+    holder_pid: Option<u32>,
+    cgroup: Option<PodCgroup>,
+    files: Option<PodFiles>,
+}
+
+impl Cleanup {
+    fn disarm(&mut self) {
+        self.holder_pid = None;
+        self.cgroup = None;
+        self.files = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.holder_pid {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(files) = &self.files {
+            let _ = files.remove();
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            // The holder needs a moment to be reaped before its cgroup can go.
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = cgroup.remove();
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Sandboxer for RuncSandboxer {
+    async fn create(&self, request: SandboxRequest) -> Result<()> {
+        let id = request.id.clone();
+        let socket = self
+            .config
+            .state_dir
+            .join("sockets")
+            .join(format!("{:016x}.sock", fnv1a(&id)));
+        let files = PodFiles::new(
+            &self.config.containerd.cri_root_dir,
+            &self.config.containerd.cri_state_dir,
+            &id,
+        );
+        {
+            let mut sandboxes = self.lock();
+            if sandboxes.contains_key(&id) {
+                return Err(Error::AlreadyExists(format!("sandbox {id:?}")));
+            }
+            if let Some(dir) = socket.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create socket directory {}", dir.display()))?;
+            }
+            let sandbox = PodSandbox {
+                request,
+                created_at: SystemTime::now(),
+                socket,
+                files,
+                exit: watch::channel(None).0,
+                running: Default::default(),
+            };
+            sandboxes.insert(id.clone(), Arc::new(sandbox));
+        }
+        tracing::info!(sandbox_id = %id, "sandbox created");
+        Ok(())
+    }
+
+    async fn start(&self, id: &str) -> Result<StartedSandbox> {
+        let sandbox = self.get(id)?;
+        let mut running = sandbox.running.lock().await;
+        if let Some(running) = running.as_ref() {
+            if sandbox.exit.borrow().is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id:?} has stopped"
+                )));
+            }
+            return Ok(StartedSandbox {
+                pid: running.holder_pid,
+                created_at: sandbox.created_at,
+                address: running.address.clone(),
+                version: TASK_API_VERSION,
+                labels: HashMap::new(),
+            });
+        }
+        let started = self
+            .start_pod(id, &sandbox)
+            .await
+            .map_err(|err| Error::Internal(err.context(format!("start sandbox {id:?}"))))?;
+        tracing::info!(sandbox_id = %id, pid = started.holder_pid, address = %started.address, "sandbox started");
+        let response = StartedSandbox {
+            pid: started.holder_pid,
+            created_at: sandbox.created_at,
+            address: started.address.clone(),
+            version: TASK_API_VERSION,
+            labels: HashMap::new(),
+        };
+        *running = Some(started);
+        Ok(response)
+    }
+
+    async fn stop(&self, id: &str, timeout: Option<Duration>) -> Result<()> {
+        let sandbox = self.get(id)?;
+        let running = sandbox.running.lock().await;
+        if let Some(running) = running.as_ref() {
+            self.stop_pod(id, &sandbox, running, timeout.unwrap_or(DEFAULT_STOP_GRACE))
+                .await;
+        } else if sandbox.exit.borrow().is_none() {
+            sandbox.exit.send_replace(Some(SandboxExit {
+                code: 0,
+                at: SystemTime::now(),
+            }));
+        }
+        tracing::info!(sandbox_id = %id, "sandbox stopped");
+        Ok(())
+    }
+
+    async fn wait(&self, id: &str) -> Result<SandboxExit> {
+        let mut exit = self.get(id)?.exit.subscribe();
+        let exit = exit
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::NotFound(format!("sandbox {id:?}")))?;
+        Ok(exit.unwrap_or(SandboxExit {
+            code: 255,
+            at: SystemTime::now(),
+        }))
+    }
+
+    async fn status(&self, id: &str, verbose: bool) -> Result<SandboxStatus> {
+        let sandbox = self.get(id)?;
+        let exited = *sandbox.exit.borrow();
+        let running = sandbox.running.lock().await;
+        let (pid, address) = running
+            .as_ref()
+            .map(|r| (r.holder_pid, r.address.clone()))
+            .unwrap_or_default();
+        let state = if running.is_some() && exited.is_none() {
+            SandboxState::Ready
+        } else {
+            SandboxState::NotReady
+        };
+        let mut info = HashMap::new();
+        if verbose {
+            info.insert("pid".into(), pid.to_string());
+            info.insert("task_address".into(), address.clone());
+            if let Some(netns) = &sandbox.request.netns_path {
+                info.insert("netns_path".into(), netns.display().to_string());
+            }
+            if let Some(running) = running.as_ref() {
+                info.insert("containers".into(), running.tasks.container_ids().join(","));
+            }
+        }
+        Ok(SandboxStatus {
+            pid,
+            state,
+            info,
+            created_at: sandbox.created_at,
+            exited_at: exited.map(|e| e.at),
+            address,
+            version: TASK_API_VERSION,
+        })
+    }
+
+    async fn shutdown(&self, id: &str) -> Result<()> {
+        let sandbox = self.get(id)?;
+        let mut running = sandbox.running.lock().await;
+        if let Some(running) = running.take() {
+            self.stop_pod(id, &sandbox, &running, Duration::ZERO).await;
+            running.server.shutdown().await;
+            if let Some(cgroup) = &running.cgroup {
+                cgroup.remove().map_err(|err| {
+                    Error::Internal(err.context(format!("shut down sandbox {id:?}")))
+                })?;
+            }
+        }
+        sandbox
+            .files
+            .remove()
+            .map_err(|err| Error::Internal(err.context(format!("shut down sandbox {id:?}"))))?;
+        if sandbox.exit.borrow().is_none() {
+            sandbox.exit.send_replace(Some(SandboxExit {
+                code: 0,
+                at: SystemTime::now(),
+            }));
+        }
+        self.lock().remove(id);
+        tracing::info!(sandbox_id = %id, "sandbox shut down");
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Prepares a Debian 12 machine for building and testing the project.
+#
+# Installs the bookworm packages the build and the end-to-end tests need and
+# unpacks containerd 2.1.9 from Debian sid into .cache/ of the repository,
+# using a private apt configuration so nothing from sid touches the system.
+# Safe to run again: every step is skipped when its result is already there.
+set -euo pipefail
+
+CONTAINERD_VERSION="2.1.9"
+
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo_root="$(cd "${script_dir}/.." && pwd)"
+cache_dir="${repo_root}/.cache"
+apt_sid_dir="${cache_dir}/apt-sid"
+containerd_dir="${cache_dir}/containerd-${CONTAINERD_VERSION}"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Refuses any path that is empty, relative, contains "..", or lies outside the
+# repository's cache directory: the only tree this script creates or deletes.
+check_owned_path() {
+    local path="$1"
+    [[ -n "${path}" ]] || die "empty path"
+    [[ "${path}" == /* ]] || die "relative path: ${path}"
+    [[ "${path}" != *..* ]] || die "path with '..': ${path}"
+    [[ -n "${repo_root}" && "${repo_root}" != "/" ]] || die "bad repository root: ${repo_root}"
+    case "${path}" in
+        "${cache_dir}"/*) ;;
+        *) die "path outside ${cache_dir}: ${path}" ;;
+    esac
+}
+
+[[ "$(id -u)" -eq 0 ]] || die "run as root (apt-get install needs it)"
+
+# --- bookworm packages -------------------------------------------------------
+
+packages=(
+    runc
+    protobuf-compiler
+    busybox-static
+    containernetworking-plugins
+    iproute2
+    gcc
+    libc6-dev
+    tar
+    coreutils
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "${pkg}" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("${pkg}")
+    fi
+done
+
+if ((${#missing[@]} > 0)); then
+    log "installing: ${missing[*]}"
+    # The lists are needed only when something is to be installed; refresh
+    # them when they are absent or older than a day.
+    # them when they are absent or older than a day, or when an install from
+    # the present lists fails (their files may have left the mirror).
+    updated=0
+    if [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit)" ]]; then
+        apt-get update
+        updated=1
+    fi
+    install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}")
+    if ! "${install[@]}"; then
+        ((updated == 0)) || die "apt-get install failed"
+        apt-get update
+        "${install[@]}"
+    fi
+else
+    log "bookworm packages present"
+fi
+
+# --- containerd from sid, unpacked -------------------------------------------
+
+# Prints the URI of the system's main Debian archive: the one serving the
+# release's own suite (not -security or -updates), from either sources format.
+system_mirror() {
+    local codename="$1"
+    local files=()
+    [[ -f /etc/apt/sources.list ]] && files+=(/etc/apt/sources.list)
+    local f
+    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f "${f}" ]] && files+=("${f}")
+    done
+    ((${#files[@]} > 0)) || return 1
+
+    local f uri
+    for f in "${files[@]}"; do
+        if [[ "${f}" == *.sources ]]; then
+            uri="$(awk -v suite="${codename}" '
+                function flush() {
+                    if (!found && deb && uris != "" && has) { split(uris, u, " "); print u[1]; found = 1 }
+                    deb = 0; uris = ""; has = 0
+                }
+                /^[[:space:]]*$/ { flush(); next }
+                /^#/ { next }
+                tolower($1) == "types:" { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
+                tolower($1) == "uris:" { uris = ""; for (i = 2; i <= NF; i++) uris = uris " " $i }
+                tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == suite) has = 1 }
+                END { flush() }
+            ' "${f}")"
+        else
+            uri="$(awk -v suite="${codename}" '
+                $1 == "deb" {
+                    i = 2
+                    if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+                    if ($(i + 1) == suite) { print $i; exit }
+                }
+            ' "${f}")"
+        fi
+        if [[ -n "${uri}" ]]; then
+            printf '%s\n' "${uri}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+containerd_ok() {
+    [[ -x "${containerd_dir}/usr/bin/containerd" ]] &&
+        "${containerd_dir}/usr/bin/containerd" --version 2>/dev/null | grep -q " v\?${CONTAINERD_VERSION}"
+}
+
+if containerd_ok; then
+    log "containerd ${CONTAINERD_VERSION} present"
+else
+    # shellcheck disable=SC1091
+    codename="$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")"
+    [[ -n "${codename}" ]] || die "cannot read VERSION_CODENAME from /etc/os-release"
+    mirror="$(system_mirror "${codename}")" || die "no Debian mirror for ${codename} in the apt sources"
+    [[ "${mirror}" =~ ^(https?|file):// ]] || die "unexpected mirror URI: ${mirror}"
+    log "using mirror ${mirror} for sid"
+
+    check_owned_path "${apt_sid_dir}"
+    mkdir -p "${apt_sid_dir}/lists/partial" "${apt_sid_dir}/cache/archives/partial" "${apt_sid_dir}/debs"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    [[ -f "${keyring}" ]] || die "missing ${keyring}"
+    printf 'deb [signed-by=%s] %s sid main\n' "${keyring}" "${mirror}" >"${apt_sid_dir}/sources.list"
+
+    apt_sid=(
+        -o "Dir::Etc::SourceList=${apt_sid_dir}/sources.list"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::State::Lists=${apt_sid_dir}/lists"
+        -o "Dir::Cache=${apt_sid_dir}/cache"
+        -o "Dir::State::Status=/dev/null"
+        -o "APT::Get::List-Cleanup=false"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+    )
+    apt-get "${apt_sid[@]}" update
+    version="$(apt-cache "${apt_sid[@]}" madison containerd |
+        awk -F'|' -v v="${CONTAINERD_VERSION}" '{ gsub(/ /, "", $2) } index($2, v) == 1 { print $2; exit }')"
+    [[ -n "${version}" ]] || die "sid has no containerd ${CONTAINERD_VERSION}*"
+    log "downloading containerd=${version}"
+    (cd "${apt_sid_dir}/debs" && apt-get "${apt_sid[@]}" download "containerd=${version}")
+
+    deb="$(find "${apt_sid_dir}/debs" -maxdepth 1 -name "containerd_${version//:/%3a}_*.deb" -print -quit)"
+    [[ -n "${deb}" ]] || die "download left no containerd .deb"
+    check_owned_path "${containerd_dir}"
+    rm -rf -- "${containerd_dir}"
+    mkdir -p "${containerd_dir}"
+    dpkg -x "${deb}" "${containerd_dir}"
+    containerd_ok || die "unpacked containerd does not report ${CONTAINERD_VERSION}"
+fi
+
+# --- summary -----------------------------------------------------------------
+
+printf 'containerd: %s\n' "${containerd_dir}/usr/bin/containerd"
+printf 'ctr:        %s\n' "${containerd_dir}/usr/bin/ctr"
+printf 'runc:       %s\n' "$(command -v runc)"
+printf 'cni:        %s\n' "/usr/lib/cni"

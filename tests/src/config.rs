@@ -1,0 +1,188 @@
+//! Files the harness writes before starting its daemons: the containerd configuration, the CNI
+//! network list and the sandboxer configuration.
+
+use std::path::Path;
+
+use crate::harness::{Layout, KUASAR_RUNC_HANDLER, RUNC_HANDLER, SANDBOXER_NAME};
+use crate::images::PAUSE_IMAGE;
+
+/// Runtime type containerd is told to use for the sandboxer's handler; with a Task API v3
+/// address from the sandboxer containerd never launches a shim of that name.
+pub const KUASAR_RUNC_RUNTIME_TYPE: &str = "io.containerd.kuasar-runc.v2";
+
+/// Directory of the CNI plugin binaries of Debian's containernetworking-plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// A containerd 2.x configuration (version 3) that keeps everything of containerd under the
+/// run directory and serves CRI with two handlers: containerd's own runc shim and the
+/// sandboxer.
+pub fn containerd_config(layout: &Layout) -> String {
+    let s = |p: &Path| quote(&p.to_string_lossy());
+    format!(
+        r#"version = 3
+root = {root}
+state = {state}
+temp = {temp}
+disabled_plugins = [
+  "io.containerd.nri.v1.nri",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+]
+
+[grpc]
+address = {grpc}
+
+[ttrpc]
+address = {ttrpc}
+
+[debug]
+level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+path = {opt}
+
+[plugins."io.containerd.cri.v1.images"]
+snapshotter = "overlayfs"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+sandbox = {pause}
+
+[plugins."io.containerd.cri.v1.images".registry]
+config_path = {registry}
+
+[plugins."io.containerd.cri.v1.runtime"]
+restrict_oom_score_adj = true
+netns_mounts_under_state_dir = true
+enable_cdi = false
+enable_selinux = false
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+bin_dirs = [{cni_bin}]
+conf_dir = {cni_conf}
+max_conf_num = 1
+
+[plugins."io.containerd.cri.v1.runtime".containerd]
+default_runtime_name = {runc_handler}
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{runc_handler}]
+runtime_type = "io.containerd.runc.v2"
+sandboxer = "podsandbox"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{runc_handler}.options]
+BinaryName = "runc"
+Root = {runc_root}
+SystemdCgroup = false
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{kuasar_handler}]
+runtime_type = {kuasar_type}
+sandboxer = {sandboxer}
+
+[proxy_plugins.{sandboxer}]
+type = "sandbox"
+address = {sandboxer_socket}
+"#,
+        root = s(&layout.containerd_root),
+        state = s(&layout.containerd_state),
+        temp = s(&layout.containerd_temp),
+        grpc = s(&layout.containerd_socket),
+        ttrpc = s(&layout.containerd_ttrpc_socket),
+        opt = s(&layout.containerd_opt),
+        pause = quote(PAUSE_IMAGE),
+        registry = s(&layout.registry_dir),
+        cni_bin = quote(CNI_BIN_DIR),
+        cni_conf = s(&layout.cni_conf_dir),
+        runc_handler = quote(RUNC_HANDLER),
+        runc_root = s(&layout.runc_root),
+        kuasar_handler = quote(KUASAR_RUNC_HANDLER),
+        kuasar_type = quote(KUASAR_RUNC_RUNTIME_TYPE),
+        sandboxer = quote(SANDBOXER_NAME),
+        sandboxer_socket = s(&layout.sandboxer_socket),
+    )
+}
+
+/// A CNI network list: a bridge of the harness's own with host-local addresses, no gateway
+/// and no masquerading, so pods reach nothing outside the bridge.
+pub fn cni_conflist(layout: &Layout) -> String {
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": layout.network_name,
+        "plugins": [{
+            "type": "bridge",
+            "bridge": layout.bridge,
+            "isGateway": false,
+            "ipMasq": false,
+            "hairpinMode": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": layout.subnet }]],
+                "dataDir": layout.ipam_dir,
+            },
+        }],
+    });
+    serde_json::to_string_pretty(&config).expect("a JSON value always serializes")
+}
+
+/// The sandboxer's configuration file.
+pub fn sandboxer_config(layout: &Layout) -> String {
+    let s = |p: &Path| quote(&p.to_string_lossy());
+    format!(
+        r#"listen = {listen}
+state_dir = {state_dir}
+log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info"
+
+[containerd]
+address = {address}
+ttrpc_address = {ttrpc_address}
+cri_root_dir = {cri_root}
+cri_state_dir = {cri_state}
+
+[runc]
+binary = "runc"
+"#,
+        listen = s(&layout.sandboxer_socket),
+        state_dir = s(&layout.sandboxer_state),
+        address = s(&layout.containerd_socket),
+        ttrpc_address = s(&layout.containerd_ttrpc_socket),
+        cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
+        cri_state = s(&layout.cri_state_dir()),
+    )
+}
+
+/// `value` as a TOML basic string.
+fn quote(value: &str) -> String {
+    toml::Value::String(value.to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_as_toml() {
+        let layout = Layout::new(Path::new("/tmp/kuasar-t/7"), 7);
+        let containerd: toml::Table = containerd_config(&layout).parse().unwrap();
+        assert_eq!(containerd["version"].as_integer(), Some(3));
+        let runtimes =
+            &containerd["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes[KUASAR_RUNC_HANDLER]["sandboxer"].as_str(),
+            Some(SANDBOXER_NAME)
+        );
+
+        let sandboxer: toml::Table = sandboxer_config(&layout).parse().unwrap();
+        assert_eq!(
+            sandboxer["listen"].as_str(),
+            Some("/tmp/kuasar-t/7/runc-sandboxer.sock")
+        );
+    }
+
+    #[test]
+    fn conflist_names_the_bridge() {
+        let layout = Layout::new(Path::new("/tmp/kuasar-t/7"), 7);
+        let conflist: serde_json::Value = serde_json::from_str(&cni_conflist(&layout)).unwrap();
+        assert_eq!(conflist["plugins"][0]["bridge"], "kuasar-t7");
+    }
+}

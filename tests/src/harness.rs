@@ -1,0 +1,933 @@
+//! One isolated containerd 2.1.9 (and optionally the runc sandboxer) per test.
+//!
+//! Every [`Harness`] owns a run directory `/tmp/kuasar-t/<id>` holding containerd's root, state,
+//! sockets, configuration and logs, the sandboxer's socket and state, the CNI configuration and
+//! the test images. `<id>` (1..=250) also names the CNI bridge `kuasar-t<id>`, its subnet
+//! `10.231.<id>.0/24` and the pods' cgroup parent `/kuasar-test-<id>`, so harnesses of parallel
+//! tests and of other test processes never share anything. A run whose process died is
+//! recognised by its `owner` file and removed by the next harness that starts.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, LinuxContainerConfig, LinuxPodSandboxConfig,
+    PodSandboxConfig, PodSandboxMetadata,
+};
+
+use crate::cleanup;
+use crate::config;
+use crate::cri::{self, CriClient};
+use crate::images;
+
+/// Directory holding the run directories of all harnesses.
+pub const BASE_DIR: &str = "/tmp/kuasar-t";
+
+/// CRI runtime handler of containerd's own runc shim (`io.containerd.runc.v2`).
+pub const RUNC_HANDLER: &str = "runc";
+
+/// CRI runtime handler served by the runc sandboxer.
+pub const KUASAR_RUNC_HANDLER: &str = "kuasar-runc";
+
+/// Name of the sandboxer's proxy plugin in containerd's configuration.
+pub const SANDBOXER_NAME: &str = "runc";
+
+/// Environment variable naming the sandboxer binary to run.
+pub const SANDBOXER_ENV: &str = "KUASAR_RUNC_SANDBOXER";
+
+/// Environment variable naming the directory of the containerd binaries.
+pub const CONTAINERD_DIR_ENV: &str = "KUASAR_CONTAINERD_DIR";
+
+/// Namespace of the test pods.
+pub const POD_NAMESPACE: &str = "kuasar-test";
+
+const MAX_RUN_ID: u32 = 250;
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const TEARDOWN_CRI_TIMEOUT: Duration = Duration::from_secs(90);
+const LOG_TAIL_LINES: usize = 60;
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Serialises the choice of run ids and the removal of stale runs within this process.
+static ALLOCATION: Mutex<()> = Mutex::new(());
+static HARNESS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Where everything of one run lives. Paths are absolute; socket paths stay short.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub id: u32,
+    pub run_dir: PathBuf,
+    pub containerd_root: PathBuf,
+    pub containerd_state: PathBuf,
+    pub containerd_temp: PathBuf,
+    pub containerd_opt: PathBuf,
+    pub containerd_socket: PathBuf,
+    pub containerd_ttrpc_socket: PathBuf,
+    pub containerd_config: PathBuf,
+    pub containerd_log: PathBuf,
+    pub registry_dir: PathBuf,
+    pub runc_root: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub ipam_dir: PathBuf,
+    pub sandboxer_socket: PathBuf,
+    pub sandboxer_state: PathBuf,
+    pub sandboxer_config: PathBuf,
+    pub sandboxer_log: PathBuf,
+    pub pod_log_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub owner_file: PathBuf,
+    pub bridge: String,
+    pub network_name: String,
+    pub subnet: String,
+    pub cgroup_parent: String,
+}
+
+impl Layout {
+    /// The layout of run `id` in `run_dir`.
+    pub fn new(run_dir: &Path, id: u32) -> Self {
+        let at = |name: &str| run_dir.join(name);
+        Self {
+            id,
+            run_dir: run_dir.to_path_buf(),
+            containerd_root: at("root"),
+            containerd_state: at("state"),
+            containerd_temp: at("tmp"),
+            containerd_opt: at("opt"),
+            containerd_socket: at("containerd.sock"),
+            containerd_ttrpc_socket: at("containerd.sock.ttrpc"),
+            containerd_config: at("containerd.toml"),
+            containerd_log: at("containerd.log"),
+            registry_dir: at("certs.d"),
+            runc_root: at("runc"),
+            cni_conf_dir: at("cni/net.d"),
+            ipam_dir: at("cni/ipam"),
+            sandboxer_socket: at("runc-sandboxer.sock"),
+            sandboxer_state: at("runc-sandboxer"),
+            sandboxer_config: at("runc-sandboxer.toml"),
+            sandboxer_log: at("runc-sandboxer.log"),
+            pod_log_dir: at("pods"),
+            images_dir: at("images"),
+            owner_file: at("owner"),
+            bridge: format!("kuasar-t{id}"),
+            network_name: format!("kuasar-t{id}"),
+            subnet: format!("10.231.{id}.0/24"),
+            cgroup_parent: format!("/kuasar-test-{id}"),
+        }
+    }
+
+    /// CRI's state directory inside containerd's state.
+    pub fn cri_state_dir(&self) -> PathBuf {
+        self.containerd_state.join("io.containerd.grpc.v1.cri")
+    }
+
+    /// Where CRI mounts the pods' network namespaces.
+    pub fn netns_dir(&self) -> PathBuf {
+        self.cri_state_dir().join("netns")
+    }
+
+    /// Task bundles containerd keeps for the containers of namespace `k8s.io`.
+    pub fn task_bundle_dir(&self) -> PathBuf {
+        self.containerd_state
+            .join("io.containerd.runtime.v2.task")
+            .join("k8s.io")
+    }
+}
+
+/// What a harness starts besides containerd.
+#[derive(Debug, Clone, Default)]
+pub struct HarnessOptions {
+    /// Start the runc sandboxer and let containerd reach it through the proxy plugin. Without
+    /// it only the [`RUNC_HANDLER`] baseline works.
+    pub sandboxer: bool,
+}
+
+/// A pod the harness ran: its id and the configuration it was run with.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub id: String,
+    pub config: PodSandboxConfig,
+}
+
+/// Everything of a run still present on the host.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Leftovers {
+    pub processes: Vec<String>,
+    pub mounts: Vec<PathBuf>,
+    pub netns: Vec<PathBuf>,
+    pub cgroups: Vec<PathBuf>,
+    pub task_bundles: Vec<PathBuf>,
+    pub runc_state: Vec<PathBuf>,
+    pub sandboxer_state: Vec<PathBuf>,
+    pub cni: Vec<PathBuf>,
+    pub bridge: Option<String>,
+}
+
+impl Leftovers {
+    /// Whether nothing is left.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+impl std::fmt::Display for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return write!(f, "no leftovers");
+        }
+        let paths = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        let groups = [
+            ("processes", self.processes.clone()),
+            ("mounts", paths(&self.mounts)),
+            ("network namespaces", paths(&self.netns)),
+            ("cgroups", paths(&self.cgroups)),
+            ("task bundles", paths(&self.task_bundles)),
+            ("runc state", paths(&self.runc_state)),
+            ("sandboxer state", paths(&self.sandboxer_state)),
+            ("CNI state", paths(&self.cni)),
+            ("bridge", self.bridge.iter().cloned().collect()),
+        ];
+        for (what, items) in groups.iter().filter(|(_, items)| !items.is_empty()) {
+            writeln!(f, "{what}:")?;
+            for item in items {
+                writeln!(f, "  {item}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running containerd (and sandboxer) with everything under one run directory; tears itself
+/// down when dropped.
+pub struct Harness {
+    layout: Layout,
+    containerd: Option<Daemon>,
+    sandboxer: Option<Daemon>,
+    cri: Option<CriClient>,
+    pods: AtomicU32,
+    torn_down: bool,
+}
+
+impl Harness {
+    /// Starts containerd with only the [`RUNC_HANDLER`] baseline usable.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(HarnessOptions::default()).await
+    }
+
+    /// Starts the sandboxer and containerd: pods can run on [`KUASAR_RUNC_HANDLER`] too.
+    pub async fn start_with_sandboxer() -> Result<Self> {
+        Self::start_with(HarnessOptions { sandboxer: true }).await
+    }
+
+    /// Starts what `options` asks for and waits until CRI reports runtime and network ready.
+    pub async fn start_with(options: HarnessOptions) -> Result<Self> {
+        let layout = allocate_run()?;
+        let mut harness = Self {
+            layout,
+            containerd: None,
+            sandboxer: None,
+            cri: None,
+            pods: AtomicU32::new(0),
+            torn_down: false,
+        };
+        if let Err(e) = harness.boot(&options).await {
+            harness.print_log_tails();
+            return Err(e.context(format!(
+                "cannot start the test harness in {}",
+                harness.layout.run_dir.display()
+            )));
+        }
+        Ok(harness)
+    }
+
+    /// Runs `body` against the harness, prints the daemons' log tails when it fails, then tears
+    /// the harness down and checks that nothing of the run is left on the host.
+    pub async fn run<T>(mut self, body: impl AsyncFnOnce(&Harness) -> Result<T>) -> Result<T> {
+        let result = body(&self).await;
+        if let Err(e) = &result {
+            eprintln!("test failed: {e:#}");
+            self.print_log_tails();
+        }
+        let layout = self.layout.clone();
+        let teardown = self.teardown_inner();
+        let value = result?;
+        teardown?;
+        let left = leftovers_of(&layout, &[])?;
+        ensure!(left.is_empty(), "the run left on the host:\n{left}");
+        Ok(value)
+    }
+
+    /// The CRI client connected to this harness's containerd.
+    pub fn cri(&self) -> &CriClient {
+        self.cri
+            .as_ref()
+            .expect("a started harness has a CRI client")
+    }
+
+    /// Paths and names of this run.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The cgroup parent (cgroupfs path) that [`Harness::pod_config`] gives the pods.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.layout.cgroup_parent
+    }
+
+    /// PID of containerd.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(Daemon::pid)
+    }
+
+    /// PID of the sandboxer, when the harness runs one.
+    pub fn sandboxer_pid(&self) -> Option<u32> {
+        self.sandboxer.as_ref().map(Daemon::pid)
+    }
+
+    /// A pod configuration with a unique uid, hostname `name`, a log directory in the run
+    /// directory (created here) and the run's cgroup parent.
+    pub fn pod_config(&self, name: &str) -> Result<PodSandboxConfig> {
+        let serial = self.pods.fetch_add(1, Ordering::Relaxed);
+        let uid = format!("{name}-{}-{serial}", self.layout.id);
+        let log_directory = self
+            .layout
+            .pod_log_dir
+            .join(format!("{POD_NAMESPACE}_{name}_{uid}"));
+        fs::create_dir_all(&log_directory)
+            .with_context(|| format!("cannot create {}", log_directory.display()))?;
+
+        Ok(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.to_string(),
+                uid,
+                namespace: POD_NAMESPACE.to_string(),
+                attempt: 0,
+            }),
+            hostname: name.to_string(),
+            log_directory: log_directory.to_string_lossy().into_owned(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: self.layout.cgroup_parent.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// A container configuration running `command` in `image`, logging to `<name>.log` in the
+    /// pod's log directory.
+    pub fn container_config(&self, name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.to_string(),
+                attempt: 0,
+            }),
+            image: Some(cri::image_spec(image)),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            linux: Some(LinuxContainerConfig::default()),
+            ..Default::default()
+        }
+    }
+
+    /// Runs pod `name` (configured by [`Harness::pod_config`]) on `runtime_handler`.
+    pub async fn run_pod(&self, name: &str, runtime_handler: &str) -> Result<Pod> {
+        let config = self.pod_config(name)?;
+        let id = self.cri().run_pod(&config, runtime_handler).await?;
+        Ok(Pod { id, config })
+    }
+
+    /// Creates and starts container `config` in `pod`; returns its id.
+    pub async fn start_container(&self, pod: &Pod, config: &ContainerConfig) -> Result<String> {
+        let id = self
+            .cri()
+            .create_container(&pod.id, config, &pod.config)
+            .await?;
+        self.cri().start_container(&id).await?;
+        Ok(id)
+    }
+
+    /// The plain text container `config` of `pod` has logged so far.
+    pub fn container_log(&self, pod: &Pod, config: &ContainerConfig) -> Result<String> {
+        cri::read_container_log(&cri::container_log_file(&pod.config, config))
+    }
+
+    /// What of this run's pods is still on the host: processes other than containerd and the
+    /// sandboxer, mounts, network namespaces, cgroups and runtime state. Empty once every pod
+    /// is removed. The CNI bridge belongs to the harness and is not counted here.
+    pub fn leftovers(&self) -> Result<Leftovers> {
+        let daemons: Vec<u32> = self
+            .containerd_pid()
+            .into_iter()
+            .chain(self.sandboxer_pid())
+            .collect();
+        let mut left = leftovers_of(&self.layout, &daemons)?;
+        left.bridge = None;
+        Ok(left)
+    }
+
+    /// Prints the last lines of the containerd and sandboxer logs to stderr.
+    pub fn print_log_tails(&self) {
+        for (name, path) in [
+            ("containerd", &self.layout.containerd_log),
+            ("runc-sandboxer", &self.layout.sandboxer_log),
+        ] {
+            if let Ok(tail) = log_tail(path, LOG_TAIL_LINES) {
+                eprintln!(
+                    "----- last lines of {name} log {} -----\n{tail}",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    /// Removes all pods, stops the daemons and removes everything of the run from the host.
+    pub fn teardown(mut self) -> Result<()> {
+        self.teardown_inner()
+    }
+
+    async fn boot(&mut self, options: &HarnessOptions) -> Result<()> {
+        let layout = self.layout.clone();
+        for dir in [
+            &layout.containerd_root,
+            &layout.containerd_state,
+            &layout.containerd_temp,
+            &layout.containerd_opt,
+            &layout.registry_dir,
+            &layout.runc_root,
+            &layout.cni_conf_dir,
+            &layout.ipam_dir,
+            &layout.sandboxer_state,
+            &layout.pod_log_dir,
+            &layout.images_dir,
+        ] {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        write_file(
+            &layout.containerd_config,
+            &config::containerd_config(&layout),
+        )?;
+        write_file(
+            &layout.cni_conf_dir.join("10-kuasar-test.conflist"),
+            &config::cni_conflist(&layout),
+        )?;
+
+        let busybox_tar = layout.images_dir.join("busybox.tar");
+        let pause_tar = layout.images_dir.join("pause.tar");
+        images::write_busybox_layout(&busybox_tar)?;
+        images::write_pause_layout(&pause_tar)?;
+
+        let bin_dir = containerd_bin_dir()?;
+        let path_env = format!("{}:{SYSTEM_PATH}", bin_dir.display());
+
+        if options.sandboxer {
+            write_file(&layout.sandboxer_config, &config::sandboxer_config(&layout))?;
+            let binary = sandboxer_binary()?;
+            let mut command = Command::new(&binary);
+            command.arg("--config").arg(&layout.sandboxer_config);
+            let daemon =
+                Daemon::spawn("runc-sandboxer", command, &layout.sandboxer_log, &path_env)?;
+            self.sandboxer = Some(daemon);
+        }
+
+        let mut command = Command::new(bin_dir.join("containerd"));
+        command.arg("--config").arg(&layout.containerd_config);
+        self.containerd = Some(Daemon::spawn(
+            "containerd",
+            command,
+            &layout.containerd_log,
+            &path_env,
+        )?);
+
+        if let Some(sandboxer) = self.sandboxer.as_mut() {
+            wait_for_socket(sandboxer, &layout.sandboxer_socket)?;
+        }
+        let containerd = self
+            .containerd
+            .as_mut()
+            .expect("containerd was just spawned");
+        wait_for_socket(containerd, &layout.containerd_socket)?;
+
+        let ctr = bin_dir.join("ctr");
+        for tarball in [pause_tar, busybox_tar] {
+            let (ctr, socket) = (ctr.clone(), layout.containerd_socket.clone());
+            tokio::task::spawn_blocking(move || images::import(&ctr, &socket, &tarball))
+                .await
+                .context("image import task failed")??;
+        }
+
+        let cri = CriClient::connect(&layout.containerd_socket).await?;
+        wait_until_ready(&cri).await?;
+        self.cri = Some(cri);
+        Ok(())
+    }
+
+    fn teardown_inner(&mut self) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut first_error: Option<anyhow::Error> = None;
+
+        if self
+            .containerd
+            .as_mut()
+            .is_some_and(|d| d.exited().is_none())
+        {
+            if let Err(e) = remove_pods_blocking(&self.layout.containerd_socket) {
+                eprintln!("teardown: cannot remove all pods: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+        for daemon in [self.containerd.as_mut(), self.sandboxer.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = daemon.stop(STOP_TIMEOUT) {
+                eprintln!("teardown: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = cleanup::remove_run(&self.layout) {
+            eprintln!("teardown: {e:#}");
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
+        if let Err(e) = self.teardown_inner() {
+            eprintln!(
+                "teardown of {} failed: {e:#}",
+                self.layout.run_dir.display()
+            );
+        }
+    }
+}
+
+/// What of run `layout` is on the host, not counting the processes `daemons`; after a teardown
+/// (`daemons` empty) nothing at all should be left, the bridge included.
+pub fn leftovers_of(layout: &Layout, daemons: &[u32]) -> Result<Leftovers> {
+    let describe = |(pid, cmdline): (u32, String)| format!("{pid} {cmdline}");
+    let mut processes: Vec<String> = cleanup::run_processes(layout, daemons)
+        .into_iter()
+        .map(describe)
+        .collect();
+    processes.extend(cleanup::cgroup_processes(layout).into_iter().map(describe));
+    processes.sort();
+    processes.dedup();
+
+    // The cgroup parent itself may stay: it belongs to the run, not to a pod.
+    let top_level: Vec<PathBuf> = cleanup::cgroup_dirs(layout)
+        .into_iter()
+        .filter(|d| !d.ends_with(layout.cgroup_parent.trim_start_matches('/')))
+        .collect();
+
+    let ipam_net = layout.ipam_dir.join(&layout.network_name);
+    let mut cni: Vec<PathBuf> = cleanup::list_dir(&ipam_net)
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name != "lock" && !name.starts_with("last_reserved_ip")
+        })
+        .collect();
+    cni.extend(cleanup::cni_cache_entries(layout));
+
+    Ok(Leftovers {
+        processes,
+        mounts: cleanup::run_mounts(layout)?,
+        netns: cleanup::list_dir(&layout.netns_dir()),
+        cgroups: top_level,
+        task_bundles: cleanup::list_dir(&layout.task_bundle_dir()),
+        runc_state: cleanup::list_dir(&layout.runc_root.join("k8s.io")),
+        sandboxer_state: files_below(&layout.sandboxer_state),
+        cni,
+        bridge: cleanup::bridge_exists(layout).then(|| layout.bridge.clone()),
+    })
+}
+
+/// Every entry below `dir` that is not a directory: the sandboxer keeps a few fixed,
+/// empty directories of its own, but no file may outlive the pods.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in cleanup::list_dir(dir) {
+        if entry.is_dir() && !entry.is_symlink() {
+            files.extend(files_below(&entry));
+        } else {
+            files.push(entry);
+        }
+    }
+    files
+}
+
+/// The directory of the containerd 2.1.9 binaries unpacked by `scripts/setup.sh`, or the one
+/// named by [`CONTAINERD_DIR_ENV`].
+pub fn containerd_bin_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os(CONTAINERD_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_dir().join(".cache/containerd-2.1.9/usr/bin"),
+    };
+    ensure!(
+        dir.join("containerd").is_file() && dir.join("ctr").is_file(),
+        "no containerd and ctr in {} (run scripts/setup.sh or set {CONTAINERD_DIR_ENV})",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The sandboxer binary: [`SANDBOXER_ENV`], else `runc-sandboxer` next to the test binary's
+/// profile directory (`target/<profile>`), else in `$CARGO_TARGET_DIR/debug` or the workspace's
+/// `target/debug`.
+pub fn sandboxer_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(SANDBOXER_ENV) {
+        let path = PathBuf::from(path);
+        ensure!(
+            path.is_file(),
+            "{SANDBOXER_ENV}={} is not a file",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/deps/<test binary>
+        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
+            candidates.push(profile_dir.join("runc-sandboxer"));
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"));
+    candidates.push(target.join("debug/runc-sandboxer"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "runc-sandboxer not found in {candidates:?}: build it (cargo build -p runc-sandboxer) \
+                 or set {SANDBOXER_ENV}"
+            )
+        })
+}
+
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_path_buf()
+}
+
+/// A child process whose output goes to a log file.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &'static str, mut command: Command, log: &Path, path_env: &str) -> Result<Self> {
+        let out =
+            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone().context("cannot duplicate log file")?;
+        let child = command
+            .env("PATH", path_env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", command.get_program()))?;
+        Ok(Self {
+            name,
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL once `timeout` has passed.
+    fn stop(&mut self, timeout: Duration) -> Result<()> {
+        if self.exited().is_some() {
+            return Ok(());
+        }
+        cleanup::signal(self.pid(), libc::SIGTERM)?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cleanup::signal(self.pid(), libc::SIGKILL)?;
+        self.child
+            .wait()
+            .with_context(|| format!("cannot reap {}", self.name))?;
+        bail!(
+            "{} did not stop within {timeout:?} of SIGTERM and was killed",
+            self.name
+        )
+    }
+}
+
+/// Picks a free run id, removing the runs of dead test processes first, and creates the run
+/// directory with its owner file.
+fn allocate_run() -> Result<Layout> {
+    let _guard = ALLOCATION.lock().unwrap_or_else(|e| e.into_inner());
+    fs::create_dir_all(BASE_DIR).with_context(|| format!("cannot create {BASE_DIR}"))?;
+    remove_stale_runs();
+
+    let routes = ipv4_routes()?;
+    let counter = HARNESS_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let start = (std::process::id() + counter * 7) % MAX_RUN_ID;
+    for offset in 0..MAX_RUN_ID {
+        let id = (start + offset) % MAX_RUN_ID + 1;
+        let run_dir = Path::new(BASE_DIR).join(id.to_string());
+        let layout = Layout::new(&run_dir, id);
+        if cleanup::bridge_exists(&layout)
+            || !cleanup::cgroup_dirs(&layout).is_empty()
+            || routes.iter().any(|(net, len)| overlaps(*net, *len, id))
+        {
+            continue;
+        }
+        match fs::create_dir(&run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create {}", run_dir.display()))
+            }
+        }
+        write_file(&layout.owner_file, &owner_record(std::process::id())?)?;
+        return Ok(layout);
+    }
+    bail!("no free run id under {BASE_DIR}: all {MAX_RUN_ID} are taken")
+}
+
+/// Removes the runs whose owner process is gone (or whose owner file never got written).
+fn remove_stale_runs() {
+    for run_dir in cleanup::list_dir(Path::new(BASE_DIR)) {
+        let Some(id) = run_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let layout = Layout::new(&run_dir, id);
+        let stale = match fs::read_to_string(&layout.owner_file) {
+            Ok(record) => !owner_alive(&record),
+            Err(_) => fs::metadata(&run_dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(300)),
+        };
+        if stale {
+            eprintln!("removing stale test run {}", run_dir.display());
+            if let Err(e) = cleanup::remove_run(&layout) {
+                eprintln!("cannot fully remove stale run {}: {e:#}", run_dir.display());
+            }
+        }
+    }
+}
+
+/// `<pid> <start time>` of process `pid`; the start time tells a reused pid apart.
+fn owner_record(pid: u32) -> Result<String> {
+    let start =
+        process_start_time(pid).with_context(|| format!("cannot read start time of {pid}"))?;
+    Ok(format!("{pid} {start}\n"))
+}
+
+fn owner_alive(record: &str) -> bool {
+    let mut fields = record.split_whitespace();
+    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    process_start_time(pid).is_some_and(|s| s.to_string() == start)
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks after boot.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Destinations of the host's IPv4 routes in all tables, as (network, prefix length).
+fn ipv4_routes() -> Result<Vec<(u32, u32)>> {
+    let output = Command::new("ip")
+        .args(["-4", "route", "show", "table", "all"])
+        .output()
+        .context("cannot run ip route")?;
+    ensure!(
+        output.status.success(),
+        "ip route failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().filter_map(parse_route_destination).collect())
+}
+
+fn parse_route_destination(line: &str) -> Option<(u32, u32)> {
+    line.split_whitespace().take(2).find_map(|token| {
+        let (addr, len) = token.split_once('/').unwrap_or((token, "32"));
+        let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+        Some((u32::from(addr), len.parse().ok()?))
+    })
+}
+
+/// Whether the route `net/len` overlaps the subnet `10.231.<id>.0/24` of run `id`.
+fn overlaps(net: u32, len: u32, id: u32) -> bool {
+    let ours = u32::from(std::net::Ipv4Addr::new(10, 231, 0, 0)) | (id << 8);
+    let common = len.min(24);
+    let mask = if common == 0 {
+        0
+    } else {
+        u32::MAX << (32 - common)
+    };
+    net & mask == ours & mask
+}
+
+fn wait_for_socket(daemon: &mut Daemon, socket: &Path) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = daemon.exited() {
+            bail!(
+                "{} exited ({status}) before serving {}; log {}:\n{}",
+                daemon.name,
+                socket.display(),
+                daemon.log.display(),
+                log_tail(&daemon.log, LOG_TAIL_LINES).unwrap_or_default()
+            );
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} does not serve {} after {START_TIMEOUT:?}",
+            daemon.name,
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_until_ready(cri: &CriClient) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let status = cri.status().await?;
+        let conditions = status.status.map(|s| s.conditions).unwrap_or_default();
+        let ready = |kind: &str| conditions.iter().any(|c| c.r#type == kind && c.status);
+        if ready("RuntimeReady") && ready("NetworkReady") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "CRI not ready after {START_TIMEOUT:?}: {conditions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops and removes every pod through CRI, on a runtime of its own so that it works from
+/// `Drop`, inside or outside a test's runtime.
+fn remove_pods_blocking(socket: &Path) -> Result<()> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot build a runtime for teardown")?;
+        runtime.block_on(async {
+            tokio::time::timeout(TEARDOWN_CRI_TIMEOUT, async {
+                CriClient::connect(&socket).await?.remove_all_pods().await
+            })
+            .await
+            .context("removing pods timed out")?
+        })
+    })
+    .join()
+    .map_err(|_| anyhow!("the pod removal thread panicked"))?
+}
+
+fn write_file(path: &Path, content: &str) -> Result<()> {
+    fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The last `lines` lines of the file at `path`, reading at most its last 64 KiB.
+fn log_tail(path: &Path, lines: usize) -> Result<String> {
+    const MAX_BYTES: u64 = 64 * 1024;
+    let mut file = fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_overlap() {
+        let net = |a, b, c, d| u32::from(std::net::Ipv4Addr::new(a, b, c, d));
+        assert!(overlaps(net(10, 0, 0, 0), 8, 5));
+        assert!(overlaps(net(10, 231, 5, 0), 24, 5));
+        assert!(overlaps(net(10, 231, 5, 7), 32, 5));
+        assert!(!overlaps(net(10, 231, 6, 0), 24, 5));
+        assert!(overlaps(net(0, 0, 0, 0), 0, 5));
+        assert!(!overlaps(net(192, 0, 2, 0), 24, 5));
+    }
+
+    #[test]
+    fn parses_route_lines() {
+        assert_eq!(
+            parse_route_destination("192.0.2.0/24 dev eth0 proto kernel"),
+            Some((u32::from(std::net::Ipv4Addr::new(192, 0, 2, 0)), 24))
+        );
+        assert_eq!(
+            parse_route_destination("local 127.0.0.1 dev lo table local"),
+            Some((u32::from(std::net::Ipv4Addr::new(127, 0, 0, 1)), 32))
+        );
+        assert_eq!(
+            parse_route_destination("default via 192.0.2.1 dev eth0"),
+            None
+        );
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        let record = owner_record(std::process::id()).unwrap();
+        assert!(owner_alive(&record));
+        assert!(!owner_alive("999999999 1"));
+    }
+}

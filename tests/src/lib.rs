@@ -1,0 +1,15 @@
+//! End-to-end test support: a CRI client, locally built test images and a harness that runs an
+//! isolated containerd 2.1.9 (and the runc sandboxer) per test.
+//!
+//! Tests need root, the packages of `scripts/setup.sh` and the containerd it unpacks.
+
+pub mod cleanup;
+pub mod config;
+pub mod cri;
+pub mod harness;
+pub mod images;
+
+pub use cri::CriClient;
+pub use harness::{
+    Harness, HarnessOptions, Layout, Leftovers, Pod, KUASAR_RUNC_HANDLER, RUNC_HANDLER,
+};
