@@ -190,6 +190,26 @@ async fn mount_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<()> {
     Ok(())
 }
 
+/// Starts watching the memory cgroup named in the container's spec for OOM kills.
+fn watch_oom(id: &str, bundle: &Path) -> Option<kuasar_sandbox::oom::OomReceiver> {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok()?;
+    let cgroups_path = spec
+        .linux()
+        .as_ref()?
+        .cgroups_path()
+        .as_ref()?
+        .display()
+        .to_string();
+    let cgroup = kuasar_sandbox::oom::memory_cgroup(&cgroups_path)?;
+    match kuasar_sandbox::oom::watch(&cgroup) {
+        Ok(receiver) => Some(receiver),
+        Err(err) => {
+            tracing::warn!(container_id = %id, error = format!("{err:#}"), "no OOM notifications");
+            None
+        }
+    }
+}
+
 fn unmount_rootfs(bundle: &Path) -> anyhow::Result<()> {
     let target = bundle.join("rootfs");
     loop {
@@ -221,9 +241,12 @@ impl ContainerRuntime for RuncRuntime {
             bundle.display().to_string(),
         ];
         args.extend(["--pid-file".into(), pid_file.display().to_string()]);
-        let result = self
+        let mut result = self
             .start_process("create", id, args, &container.stdio, &pid_file)
             .await;
+        if let Ok(spawned) = &mut result {
+            spawned.oom = watch_oom(id, bundle);
+        }
         if result.is_err() {
             let _ = self.run("delete", id, &["delete", "--force", id]).await;
             let _ = unmount_rootfs(bundle);
@@ -384,6 +407,7 @@ impl RuncRuntime {
             pid,
             exit: reaper::watch(pid),
             console,
+            oom: None,
         })
     }
 

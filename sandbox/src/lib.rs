@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod id;
 pub mod io;
+pub mod oom;
 pub mod pod;
 pub mod reaper;
 pub mod server;

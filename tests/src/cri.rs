@@ -294,6 +294,42 @@ impl CriClient {
         Ok(response.into_inner())
     }
 
+    /// Resource usage of container `container_id`.
+    pub async fn container_stats(&self, container_id: &str) -> Result<k8s_cri::v1::ContainerStats> {
+        let request = k8s_cri::v1::ContainerStatsRequest {
+            container_id: container_id.to_string(),
+        };
+        let response = self
+            .runtime
+            .clone()
+            .container_stats(request)
+            .await
+            .with_context(|| format!("CRI ContainerStats {container_id}"))?;
+        response
+            .into_inner()
+            .stats
+            .with_context(|| format!("CRI ContainerStats {container_id}: no stats"))
+    }
+
+    /// Applies new resource limits to container `container_id`.
+    pub async fn update_container_resources(
+        &self,
+        container_id: &str,
+        linux: k8s_cri::v1::LinuxContainerResources,
+    ) -> Result<()> {
+        let request = k8s_cri::v1::UpdateContainerResourcesRequest {
+            container_id: container_id.to_string(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.runtime
+            .clone()
+            .update_container_resources(request)
+            .await
+            .with_context(|| format!("CRI UpdateContainerResources {container_id}"))?;
+        Ok(())
+    }
+
     /// Polls container `container_id` until it has exited, for at most `timeout`.
     pub async fn wait_container_exited(
         &self,

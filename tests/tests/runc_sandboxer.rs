@@ -314,3 +314,84 @@ async fn sandbox_api_answers_bad_ids_with_the_right_codes() -> Result<()> {
         })
         .await
 }
+
+#[tokio::test]
+async fn stats_limits_and_oom_kills_are_reported() -> Result<()> {
+    Harness::start_with_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("limits", KUASAR_RUNC_HANDLER).await?;
+            let worker = h.container_config("worker", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let worker_id = h.start_container(&pod, &worker).await?;
+
+            let stats = h.cri().container_stats(&worker_id).await?;
+            let memory = stats
+                .memory
+                .and_then(|m| m.working_set_bytes)
+                .map(|v| v.value)
+                .unwrap_or(0);
+            ensure!(memory > 0, "no memory usage reported: {stats:?}");
+            ensure!(stats.cpu.is_some(), "no cpu usage reported");
+
+            let limit = 48 * 1024 * 1024;
+            let resources = k8s_cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: limit,
+                ..Default::default()
+            };
+            h.cri()
+                .update_container_resources(&worker_id, resources)
+                .await?;
+            let exec = h
+                .cri()
+                .exec_sync(
+                    &worker_id,
+                    &["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+                    10,
+                )
+                .await?;
+            let seen = text(&exec.stdout);
+            if !seen.is_empty() {
+                ensure!(
+                    seen == limit.to_string(),
+                    "limit inside the container is {seen}, not {limit}"
+                );
+            }
+
+            // Filling the pod's shared memory beyond the container's limit gets it OOM-killed.
+            let mut hog = h.container_config(
+                "hog",
+                BUSYBOX_IMAGE,
+                &[
+                    "dd",
+                    "if=/dev/zero",
+                    "of=/dev/shm/fill",
+                    "bs=1M",
+                    "count=256",
+                ],
+            );
+            hog.linux.get_or_insert_default().resources =
+                Some(k8s_cri::v1::LinuxContainerResources {
+                    memory_limit_in_bytes: 16 * 1024 * 1024,
+                    ..Default::default()
+                });
+            let hog_id = h.start_container(&pod, &hog).await?;
+            let exited = h.cri().wait_container_exited(&hog_id, EXIT_TIMEOUT).await?;
+            ensure!(
+                exited.exit_code == 137,
+                "hog exit code {}",
+                exited.exit_code
+            );
+            ensure!(
+                exited.reason == "OOMKilled",
+                "hog exit reason {:?}",
+                exited.reason
+            );
+
+            h.cri().stop_pod(&pod.id).await?;
+            h.cri().remove_pod(&pod.id).await?;
+            let left = h.leftovers()?;
+            ensure!(left.is_empty(), "after removing the pod:\n{left}");
+            Ok(())
+        })
+        .await
+}

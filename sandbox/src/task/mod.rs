@@ -63,6 +63,8 @@ pub struct Spawned {
     pub exit: ExitReceiver,
     /// Its terminal, when it runs on one.
     pub console: Option<Console>,
+    /// OOM kills in the container's memory cgroup (init processes only).
+    pub oom: Option<crate::oom::OomReceiver>,
 }
 
 /// Which process of a container a signal is for.

@@ -14,7 +14,7 @@ use containerd_shim_protos::api::{
     WaitResponse,
 };
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
@@ -159,12 +159,30 @@ impl<R: ContainerRuntime> TaskService<R> {
     /// Publishes the exit of a process when it happens and records it for waiters.
     fn monitor(
         &self,
-        spawned: Spawned,
+        mut spawned: Spawned,
         container_id: &str,
         exec_id: &str,
         namespace: &str,
     ) -> Process {
         let (sender, receiver) = watch::channel(None);
+        if let Some(mut oom) = spawned.oom.take() {
+            let events = self.events.clone();
+            let (sandbox_id, container_id, namespace) = (
+                self.sandbox_id.clone(),
+                container_id.to_string(),
+                namespace.to_string(),
+            );
+            tokio::spawn(async move {
+                while oom.recv().await.is_some() {
+                    tracing::info!(%sandbox_id, %container_id, "container hit its memory limit");
+                    let event = TaskOOM {
+                        container_id: container_id.clone(),
+                        ..Default::default()
+                    };
+                    events.publish(&namespace, TaskEvent::Oom(event));
+                }
+            });
+        }
         self.monitor_into(
             spawned.exit,
             sender,
