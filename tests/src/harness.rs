@@ -361,6 +361,24 @@ impl Harness {
         cri::read_container_log(&cri::container_log_file(&pod.config, config))
     }
 
+    /// Stops and removes `pod` through CRI, then checks that CRI knows no pod or container
+    /// any more and that nothing of any pod is left on the host.
+    pub async fn remove_pod_and_check(&self, pod: &Pod) -> Result<()> {
+        self.cri().stop_pod(&pod.id).await?;
+        self.cri().remove_pod(&pod.id).await?;
+        anyhow::ensure!(
+            self.cri().list_pods().await?.is_empty(),
+            "pods remain after removal"
+        );
+        anyhow::ensure!(
+            self.cri().list_containers(None).await?.is_empty(),
+            "containers remain after removal"
+        );
+        let left = self.leftovers()?;
+        anyhow::ensure!(left.is_empty(), "after removing the pod:\n{left}");
+        Ok(())
+    }
+
     /// What of this run's pods is still on the host: processes other than containerd and the
     /// sandboxer, mounts, network namespaces, cgroups and runtime state. Empty once every pod
     /// is removed. The CNI bridge belongs to the harness and is not counted here.

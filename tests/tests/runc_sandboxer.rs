@@ -130,18 +130,7 @@ async fn pod_runs_containers_with_logs_exec_and_exit_codes() -> Result<()> {
                 status.state == PodSandboxState::SandboxNotready as i32,
                 "pod still ready after stop"
             );
-            h.cri().remove_pod(&pod.id).await?;
-            ensure!(
-                h.cri().list_pods().await?.is_empty(),
-                "pods remain after removal"
-            );
-            ensure!(
-                h.cri().list_containers(None).await?.is_empty(),
-                "containers remain"
-            );
-            let left = h.leftovers()?;
-            ensure!(left.is_empty(), "after removing the pod:\n{left}");
-            Ok(())
+            h.remove_pod_and_check(&pod).await
         })
         .await
 }
@@ -176,11 +165,7 @@ async fn containers_of_a_pod_share_hostname_and_localhost() -> Result<()> {
             let b = h.cri().exec_sync(&client_id, &["hostname"], 10).await?;
             ensure!(text(&a.stdout) == "shared" && text(&b.stdout) == "shared", "hostnames {a:?} {b:?}");
 
-            h.cri().stop_pod(&pod.id).await?;
-            h.cri().remove_pod(&pod.id).await?;
-            let left = h.leftovers()?;
-            ensure!(left.is_empty(), "after removing the pod:\n{left}");
-            Ok(())
+            h.remove_pod_and_check(&pod).await
         })
         .await
 }
@@ -229,11 +214,7 @@ async fn missing_command_fails_clearly_and_the_pod_stays_ready() -> Result<()> {
                 exited.exit_code
             );
 
-            h.cri().stop_pod(&pod.id).await?;
-            h.cri().remove_pod(&pod.id).await?;
-            let left = h.leftovers()?;
-            ensure!(left.is_empty(), "after removing the pod:\n{left}");
-            Ok(())
+            h.remove_pod_and_check(&pod).await
         })
         .await
 }
@@ -387,11 +368,7 @@ async fn stats_limits_and_oom_kills_are_reported() -> Result<()> {
                 exited.reason
             );
 
-            h.cri().stop_pod(&pod.id).await?;
-            h.cri().remove_pod(&pod.id).await?;
-            let left = h.leftovers()?;
-            ensure!(left.is_empty(), "after removing the pod:\n{left}");
-            Ok(())
+            h.remove_pod_and_check(&pod).await
         })
         .await
 }

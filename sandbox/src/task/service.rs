@@ -265,6 +265,38 @@ impl<R: ContainerRuntime> TaskService<R> {
     }
 }
 
+impl<R: ContainerRuntime> TaskService<R> {
+    /// Pauses (`frozen`) or resumes a container and publishes the matching event.
+    async fn set_frozen(&self, id: &str, frozen: bool) -> Result<()> {
+        let namespace = self
+            .lock()
+            .get(id)
+            .map(|c| c.namespace.clone())
+            .ok_or_else(|| container_not_found(id))?;
+        let container_id = id.to_string();
+        let (state, event) = if frozen {
+            self.runtime.pause(id).await?;
+            let event = TaskPaused {
+                container_id,
+                ..Default::default()
+            };
+            (RunState::Paused, TaskEvent::Paused(event))
+        } else {
+            self.runtime.resume(id).await?;
+            let event = TaskResumed {
+                container_id,
+                ..Default::default()
+            };
+            (RunState::Running, TaskEvent::Resumed(event))
+        };
+        if let Some(c) = self.lock().get_mut(id) {
+            c.init.state = state;
+        }
+        self.events.publish(&namespace, event);
+        Ok(())
+    }
+}
+
 fn namespace(ctx: &TtrpcContext) -> String {
     ctx.metadata
         .get(NAMESPACE_KEY)
@@ -578,42 +610,12 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
-        let namespace = self
-            .lock()
-            .get(&req.id)
-            .map(|c| c.namespace.clone())
-            .ok_or_else(|| container_not_found(&req.id))?;
-        self.runtime.pause(&req.id).await?;
-        if let Some(c) = self.lock().get_mut(&req.id) {
-            c.init.state = RunState::Paused;
-        }
-        self.events.publish(
-            &namespace,
-            TaskEvent::Paused(TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        );
+        self.set_frozen(&req.id, true).await?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
-        let namespace = self
-            .lock()
-            .get(&req.id)
-            .map(|c| c.namespace.clone())
-            .ok_or_else(|| container_not_found(&req.id))?;
-        self.runtime.resume(&req.id).await?;
-        if let Some(c) = self.lock().get_mut(&req.id) {
-            c.init.state = RunState::Running;
-        }
-        self.events.publish(
-            &namespace,
-            TaskEvent::Resumed(TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        );
+        self.set_frozen(&req.id, false).await?;
         Ok(Empty::new())
     }
 
