@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup build test lint fmt clean
+.PHONY: all setup build test bench lint fmt clean
 
 all: build
 
@@ -17,6 +17,16 @@ test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
+# Start latency and per-pod memory of the sandboxer against containerd's runc shim, on release
+# builds. Arguments go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--iterations 20".
+BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BENCH_ARGS ?=
+
+bench: setup
+	$(CARGO) build --release --workspace --bins
+	KUASAR_RUNC_SANDBOXER=$(BENCH_TARGET_DIR)/release/runc-sandboxer \
+		$(BENCH_TARGET_DIR)/release/kuasar-bench $(BENCH_ARGS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -26,3 +36,10 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# The README's main job: one pod with two containers on a private containerd 2.1.9 through the
+# runc sandboxer, shown step by step, then torn down and checked for leftovers.
+.PHONY: demo
+demo: setup
+	$(CARGO) build --workspace --bins
+	$(CARGO) run -p kuasar-tests --bin kuasar-demo
