@@ -273,6 +273,31 @@ impl CriClient {
         Ok(response.into_inner().containers)
     }
 
+    /// Asks for a streaming exec session (what `crictl exec -it` does) and returns the URL
+    /// of containerd's streaming server to attach to.
+    pub async fn exec_stream_url(
+        &self,
+        container_id: &str,
+        cmd: &[&str],
+        tty: bool,
+    ) -> Result<String> {
+        let request = k8s_cri::v1::ExecRequest {
+            container_id: container_id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin: true,
+            stdout: true,
+            stderr: !tty,
+        };
+        let response = self
+            .runtime
+            .clone()
+            .exec(request)
+            .await
+            .with_context(|| format!("CRI Exec {cmd:?} in {container_id}"))?;
+        Ok(response.into_inner().url)
+    }
+
     /// Runs `cmd` in container `container_id` and waits for it for at most `timeout_secs`.
     pub async fn exec_sync(
         &self,

@@ -372,3 +372,92 @@ async fn stats_limits_and_oom_kills_are_reported() -> Result<()> {
         })
         .await
 }
+
+/// Channels of the Kubernetes remote-command websocket protocol.
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+
+#[tokio::test]
+async fn interactive_exec_with_a_terminal() -> Result<()> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    Harness::start_with_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("term", KUASAR_RUNC_HANDLER).await?;
+            let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let shell_id = h.start_container(&pod, &shell).await?;
+
+            // What `crictl exec -it <id> sh` does: CRI Exec, then the streaming session.
+            let url = h.cri().exec_stream_url(&shell_id, &["sh"], true).await?;
+            ensure!(
+                url.starts_with("http://127.0.0.1:"),
+                "streaming server not on loopback: {url}"
+            );
+            let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+            let (mut session, _) = tokio_tungstenite::connect_async(request)
+                .await
+                .context("attach to the exec session")?;
+
+            let frame =
+                |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
+            session
+                .send(frame(RESIZE, br#"{"Width":100,"Height":30}"#))
+                .await?;
+            session
+                .send(frame(
+                    STDIN,
+                    b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+                ))
+                .await?;
+
+            let mut output = Vec::new();
+            let mut status = String::new();
+            let read = async {
+                while let Some(message) = session.next().await {
+                    let Message::Binary(data) = message? else {
+                        continue;
+                    };
+                    match data.first() {
+                        Some(&STDOUT) => output.extend_from_slice(&data[1..]),
+                        Some(&ERROR) if data.len() > 1 => {
+                            status.push_str(&String::from_utf8_lossy(&data[1..]))
+                        }
+                        _ => {}
+                    }
+                }
+                anyhow::Ok(())
+            };
+            tokio::time::timeout(EXIT_TIMEOUT, read)
+                .await
+                .context("exec session did not end")??;
+
+            let output = String::from_utf8_lossy(&output);
+            ensure!(
+                output.contains("/dev/pts/"),
+                "no terminal in the exec: {output:?}"
+            );
+            ensure!(
+                output.contains("30 100"),
+                "terminal size not applied: {output:?}"
+            );
+            ensure!(
+                output.contains("tty-ok-42"),
+                "command output missing: {output:?}"
+            );
+            ensure!(
+                status.contains("NonZeroExitCode") && status.contains("\"3\""),
+                "exit status {status:?}"
+            );
+
+            h.remove_pod_and_check(&pod).await
+        })
+        .await
+}
