@@ -268,12 +268,12 @@ impl Sandboxer for RuncSandboxer {
     async fn start(&self, id: &str) -> Result<StartedSandbox> {
         let sandbox = self.get(id)?;
         let mut running = sandbox.running.lock().await;
+        if sandbox.exit.borrow().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {id:?} has stopped"
+            )));
+        }
         if let Some(running) = running.as_ref() {
-            if sandbox.exit.borrow().is_some() {
-                return Err(Error::FailedPrecondition(format!(
-                    "sandbox {id:?} has stopped"
-                )));
-            }
             return Ok(StartedSandbox {
                 pid: running.holder_pid,
                 created_at: sandbox.created_at,
@@ -364,14 +364,18 @@ impl Sandboxer for RuncSandboxer {
     async fn shutdown(&self, id: &str) -> Result<()> {
         let sandbox = self.get(id)?;
         let mut running = sandbox.running.lock().await;
-        if let Some(running) = running.take() {
-            self.stop_pod(id, &sandbox, &running, Duration::ZERO).await;
-            running.server.shutdown().await;
-            if let Some(cgroup) = &running.cgroup {
+        // Everything that can fail comes before the sandbox is forgotten, so that a
+        // failed Shutdown can be retried.
+        if let Some(started) = running.as_ref() {
+            self.stop_pod(id, &sandbox, started, Duration::ZERO).await;
+            if let Some(cgroup) = &started.cgroup {
                 cgroup.remove().map_err(|err| {
                     Error::Internal(err.context(format!("shut down sandbox {id:?}")))
                 })?;
             }
+        }
+        if let Some(started) = running.take() {
+            started.server.shutdown().await;
         }
         sandbox
             .files
