@@ -2,9 +2,7 @@
 
 mod config;
 mod console;
-mod holder;
 mod runtime;
-mod sandboxer;
 mod stats;
 
 use std::path::PathBuf;
@@ -15,10 +13,10 @@ use anyhow::Context;
 use clap::Parser;
 use kuasar_sandbox::config::Config;
 use kuasar_sandbox::events::EventPublisher;
-use kuasar_sandbox::{reaper, server};
+use kuasar_sandbox::{reaper, server, PodSandboxer};
 
 use crate::config::RuncSettings;
-use crate::sandboxer::RuncSandboxer;
+use crate::runtime::RuncRuntime;
 
 /// Name of this family in sockets, directories and config paths.
 const FAMILY: &str = "runc";
@@ -42,16 +40,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(holder::COMMAND) {
-        return match holder::run(&args[2..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("{err:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
+    kuasar_sandbox::holder::run_if_requested();
 
     let cli = Cli::parse();
     match run(cli) {
@@ -96,7 +85,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let events = EventPublisher::start(config.containerd.events_address());
         let listen = config.listen.clone();
         tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %config.state_dir.display(), "runc-sandboxer starting");
-        let sandboxer = Arc::new(RuncSandboxer::new(config, events)?);
+        let runtime = Arc::new(RuncRuntime::for_config(&config)?);
+        let sandboxer = Arc::new(PodSandboxer::new(&config, runtime, events));
         server::serve(&listen, sandboxer).await
     })
 }

@@ -22,6 +22,9 @@ use kuasar_sandbox::task::{
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use kuasar_sandbox::config::Config;
+
+use crate::config::RuncSettings;
 use crate::console::ConsoleSocket;
 use crate::stats;
 
@@ -48,6 +51,25 @@ impl RuncRuntime {
             work_dir,
             next: AtomicU64::new(0),
         }
+    }
+
+    /// The runtime `config` describes: runc's state under `[runc] root` or
+    /// `<state_dir>/runc`, scratch files in `<state_dir>/work`, cleared here.
+    pub fn for_config(config: &Config<RuncSettings>) -> anyhow::Result<Self> {
+        let work_dir = config.state_dir.join("work");
+        if work_dir.exists() {
+            std::fs::remove_dir_all(&work_dir)
+                .with_context(|| format!("clear {}", work_dir.display()))?;
+        }
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("create {}", work_dir.display()))?;
+        let root = config
+            .family
+            .runc
+            .root
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("runc"));
+        Ok(Self::new(config.family.runc.binary.clone(), root, work_dir))
     }
 
     fn scratch(&self, name: &str) -> PathBuf {

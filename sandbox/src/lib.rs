@@ -11,13 +11,16 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod events;
+pub mod holder;
 pub mod id;
 pub mod io;
 pub mod oom;
 pub mod pod;
+pub mod pod_sandboxer;
 pub mod reaper;
 pub mod server;
 pub mod task;
 
 pub use controller::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 pub use error::{Error, Result};
+pub use pod_sandboxer::PodSandboxer;

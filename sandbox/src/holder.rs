@@ -1,7 +1,8 @@
 //! The namespace holder: the one small process per pod that keeps the pod's namespaces
 //! alive and whose `/proc/<pid>/ns/*` the pod's containers join.
 //!
-//! It is this binary, re-executed with the hidden `hold-namespaces` command. It joins the
+//! It is the sandboxer's own binary, re-executed with the hidden `hold-namespaces`
+//! command: every sandboxer's `main` starts with [`run_if_requested`]. It joins the
 //! network namespace CRI prepared, unshares IPC and UTS (and PID when the pod shares one
 //! PID namespace), sets the pod's hostname, reports its pid on stdout and sleeps, reaping
 //! orphans when it is the pod's PID 1.
@@ -13,13 +14,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use kuasar_sandbox::pod::PodNamespaces;
-use kuasar_sandbox::reaper::{self, ExitReceiver};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::{fork, ForkResult, Pid};
 use tokio::io::AsyncBufReadExt;
+
+use crate::pod::PodNamespaces;
+use crate::reaper::{self, ExitReceiver};
 
 /// Name of the hidden command that turns this binary into a holder.
 pub const COMMAND: &str = "hold-namespaces";
@@ -154,6 +156,23 @@ pub async fn spawn(spec: &HolderSpec) -> anyhow::Result<Holder> {
         reaper::watch(pid)
     };
     Ok(Holder { pid, exit })
+}
+
+/// Runs the holder and exits when this process was started as one; returns otherwise.
+///
+/// Call first thing in `main`, before any thread or runtime exists.
+pub fn run_if_requested() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some(COMMAND) {
+        return;
+    }
+    match run(&args[2..]) {
+        Ok(()) => std::process::exit(0),
+        Err(err) => {
+            eprintln!("{err:#}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Body of the `hold-namespaces` command; runs before any thread exists and never

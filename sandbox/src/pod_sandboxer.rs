@@ -1,9 +1,10 @@
-//! Pods as Linux namespaces: the runc family's [`Sandboxer`].
+//! Pods as a set of Linux namespaces on the host: a [`Sandboxer`] for every family whose
+//! containers run as host processes (runc, wasm, application kernels).
 //!
 //! A pod is a namespace holder process, a cgroup under the pod's cgroup parent, the files
-//! CRI mounts into its containers, and a Task API server whose containers runc creates
-//! in the holder's namespaces (containerd writes those namespace paths into each
-//! container's spec from the pid that `start` returns).
+//! CRI mounts into its containers, and a Task API server whose containers a
+//! [`ContainerRuntime`] runs in the holder's namespaces (containerd writes those namespace
+//! paths into each container's spec from the pid that `start` returns).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,21 +13,19 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use kuasar_sandbox::cgroup::PodCgroup;
-use kuasar_sandbox::config::Config;
-use kuasar_sandbox::controller::SandboxState;
-use kuasar_sandbox::error::{Error, Result};
-use kuasar_sandbox::events::EventPublisher;
-use kuasar_sandbox::pod::{PodFiles, PodNamespaces};
-use kuasar_sandbox::task::{TaskServer, TaskService};
-use kuasar_sandbox::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use crate::config::RuncSettings;
+use crate::cgroup::PodCgroup;
+use crate::config::Config;
+use crate::controller::SandboxState;
+use crate::error::{Error, Result};
+use crate::events::EventPublisher;
 use crate::holder::{self, HolderSpec};
-use crate::runtime::RuncRuntime;
+use crate::pod::{PodFiles, PodNamespaces};
+use crate::task::{ContainerRuntime, TaskServer, TaskService};
+use crate::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 
 /// Task API version served to containerd.
 const TASK_API_VERSION: u32 = 3;
@@ -37,72 +36,62 @@ const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a killed holder may take to be reaped.
 const HOLDER_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The runc family's sandboxes.
-pub struct RuncSandboxer {
-    config: Config<RuncSettings>,
-    runtime: Arc<RuncRuntime>,
+/// Pods whose containers `R` runs as host processes in the pod's namespaces.
+pub struct PodSandboxer<R> {
+    state_dir: PathBuf,
+    cri_root_dir: PathBuf,
+    cri_state_dir: PathBuf,
+    runtime: Arc<R>,
     events: EventPublisher,
-    sandboxes: Mutex<HashMap<String, Arc<PodSandbox>>>,
+    sandboxes: Mutex<HashMap<String, Arc<PodSandbox<R>>>>,
 }
 
-struct PodSandbox {
+struct PodSandbox<R> {
     request: SandboxRequest,
     created_at: SystemTime,
     /// Where the sandbox's Task API listens; short enough for any sandbox id.
     socket: PathBuf,
     files: PodFiles,
     exit: watch::Sender<Option<SandboxExit>>,
-    running: tokio::sync::Mutex<Option<Running>>,
+    running: tokio::sync::Mutex<Option<Running<R>>>,
 }
 
-struct Running {
+struct Running<R> {
     holder_pid: u32,
-    tasks: Arc<TaskService<RuncRuntime>>,
+    tasks: Arc<TaskService<R>>,
     server: TaskServer,
     cgroup: Option<PodCgroup>,
     address: String,
 }
 
-impl RuncSandboxer {
-    /// A sandboxer with `config`, publishing task events through `events`.
-    pub fn new(config: Config<RuncSettings>, events: EventPublisher) -> anyhow::Result<Self> {
-        let state_dir = &config.state_dir;
-        let work_dir = state_dir.join("work");
-        if work_dir.exists() {
-            std::fs::remove_dir_all(&work_dir)
-                .with_context(|| format!("clear {}", work_dir.display()))?;
-        }
-        std::fs::create_dir_all(&work_dir)
-            .with_context(|| format!("create {}", work_dir.display()))?;
-        let root = config
-            .family
-            .runc
-            .root
-            .clone()
-            .unwrap_or_else(|| state_dir.join("runc"));
-        let runtime = RuncRuntime::new(config.family.runc.binary.clone(), root, work_dir);
-        Ok(Self {
-            config,
-            runtime: Arc::new(runtime),
+impl<R: ContainerRuntime> PodSandboxer<R> {
+    /// A sandboxer keeping its state under `config.state_dir`, running containers with
+    /// `runtime` and publishing task events through `events`.
+    pub fn new<F>(config: &Config<F>, runtime: Arc<R>, events: EventPublisher) -> Self {
+        Self {
+            state_dir: config.state_dir.clone(),
+            cri_root_dir: config.containerd.cri_root_dir.clone(),
+            cri_state_dir: config.containerd.cri_state_dir.clone(),
+            runtime,
             events,
             sandboxes: Mutex::default(),
-        })
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodSandbox>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodSandbox<R>>>> {
         self.sandboxes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, id: &str) -> Result<Arc<PodSandbox>> {
+    fn get(&self, id: &str) -> Result<Arc<PodSandbox<R>>> {
         self.lock()
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("sandbox {id:?}")))
     }
 
-    async fn start_pod(&self, id: &str, sandbox: &PodSandbox) -> anyhow::Result<Running> {
+    async fn start_pod(&self, id: &str, sandbox: &PodSandbox<R>) -> anyhow::Result<Running<R>> {
         let pod = sandbox.request.pod.as_ref();
         let namespaces = PodNamespaces::of(pod);
         if let Some(netns) = &sandbox.request.netns_path {
@@ -173,7 +162,13 @@ impl RuncSandboxer {
         })
     }
 
-    async fn stop_pod(&self, id: &str, sandbox: &PodSandbox, running: &Running, grace: Duration) {
+    async fn stop_pod(
+        &self,
+        id: &str,
+        sandbox: &PodSandbox<R>,
+        running: &Running<R>,
+        grace: Duration,
+    ) {
         running.tasks.kill_all(grace).await;
         if sandbox.exit.borrow().is_none() {
             let _ = kill(Pid::from_raw(running.holder_pid as i32), Signal::SIGKILL);
@@ -229,19 +224,14 @@ impl Drop for Cleanup {
 }
 
 #[async_trait]
-impl Sandboxer for RuncSandboxer {
+impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
     async fn create(&self, request: SandboxRequest) -> Result<()> {
         let id = request.id.clone();
         let socket = self
-            .config
             .state_dir
             .join("sockets")
             .join(format!("{:016x}.sock", fnv1a(&id)));
-        let files = PodFiles::new(
-            &self.config.containerd.cri_root_dir,
-            &self.config.containerd.cri_state_dir,
-            &id,
-        );
+        let files = PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, &id);
         {
             let mut sandboxes = self.lock();
             if sandboxes.contains_key(&id) {
