@@ -1,17 +1,18 @@
-//! The pod-level cgroup a sandbox's holder process lives in, under the cgroup parent the
-//! pod asks for, on cgroup v1, v2 and the hybrid layout.
+//! Cgroups the sandboxer creates itself, on cgroup v1, v2 and the hybrid layout: the
+//! pod-level cgroup of a namespace holder, and the cgroups of containers that a family
+//! runs without runc. Limits, freezing and usage metrics live here too.
 
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-/// One cgroup, present in every mounted hierarchy.
+/// One cgroup, present in every mounted hierarchy (cgroupfs layout).
 #[derive(Debug, Clone, Default)]
-pub struct PodCgroup {
+pub struct Cgroup {
     dirs: Vec<PathBuf>,
 }
 
-impl PodCgroup {
+impl Cgroup {
     /// Creates the cgroup `<parent>/<name>` in every hierarchy (cgroupfs layout).
     ///
     /// `parent` is the pod's cgroup parent, e.g. `/kubepods/burstable/pod1234`; it may not
@@ -29,6 +30,177 @@ impl PodCgroup {
             dirs.push(dir);
         }
         Ok(Self { dirs })
+    }
+
+    /// Creates the cgroup at `path` (an OCI `cgroupsPath` in cgroupfs form, such as
+    /// `/kubepods/pod1234/<container id>`).
+    pub fn create_path(path: &str) -> anyhow::Result<Self> {
+        let relative = relative_path(path)?;
+        let name = relative
+            .file_name()
+            .context("cgroup path has no name")?
+            .to_string_lossy()
+            .into_owned();
+        let parent = relative
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Self::create(&parent, &name)
+    }
+
+    /// Writes `value` to the control file `file` in every hierarchy that has it
+    /// (`memory.limit_in_bytes` exists only in the v1 memory hierarchy, for example).
+    /// Returns whether any hierarchy had the file.
+    pub fn set(&self, file: &str, value: &str) -> anyhow::Result<bool> {
+        let mut found = false;
+        for dir in &self.dirs {
+            let path = dir.join(file);
+            if path.exists() {
+                std::fs::write(&path, value)
+                    .with_context(|| format!("write {value:?} to {}", path.display()))?;
+                found = true;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reads the control file `file` from the first hierarchy that has it.
+    pub fn get(&self, file: &str) -> Option<String> {
+        self.dirs
+            .iter()
+            .find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
+    }
+
+    /// Pids of the processes in the cgroup.
+    pub fn procs(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Freezes (`true`) or thaws the processes of the cgroup.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let v1 = self.set("freezer.state", if frozen { "FROZEN" } else { "THAWED" })?;
+        if !v1 && !self.set("cgroup.freeze", if frozen { "1" } else { "0" })? {
+            anyhow::bail!("no freezer for cgroup {:?}", self.dirs.first());
+        }
+        Ok(())
+    }
+
+    /// Applies the memory and CPU limits of OCI `resources`.
+    pub fn apply(&self, resources: &oci_spec::runtime::LinuxResources) -> anyhow::Result<()> {
+        if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
+            if limit > 0 {
+                let value = limit.to_string();
+                if !self.set("memory.limit_in_bytes", &value)? {
+                    self.set("memory.max", &value)?;
+                }
+            }
+        }
+        if let Some(cpu) = resources.cpu() {
+            let period = cpu.period().unwrap_or(100_000);
+            if let Some(quota) = cpu.quota().filter(|q| *q > 0) {
+                if !self.set("cpu.cfs_period_us", &period.to_string())?
+                    || !self.set("cpu.cfs_quota_us", &quota.to_string())?
+                {
+                    self.set("cpu.max", &format!("{quota} {period}"))?;
+                }
+            }
+            if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                self.set("cpu.shares", &shares.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resource usage, as containerd's `io.containerd.cgroups.v1.Metrics` or `v2`.
+    pub fn metrics(&self) -> containerd_shim_protos::protobuf::well_known_types::any::Any {
+        use containerd_shim_protos::cgroups::metrics as v1;
+        use containerd_shim_protos::cgroups_v2::metrics as v2;
+
+        let number = |file: &str| {
+            self.get(file)
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let stat = |file: &str, key: &str| {
+            self.get(file)
+                .and_then(|text| {
+                    text.lines().find_map(|l| {
+                        l.strip_prefix(key)
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                })
+                .unwrap_or(0)
+        };
+        if is_unified() {
+            let mut metrics = v2::Metrics::new();
+            metrics.pids = Some(v2::PidsStat {
+                current: number("pids.current"),
+                ..Default::default()
+            })
+            .into();
+            metrics.cpu = Some(v2::CPUStat {
+                usage_usec: stat("cpu.stat", "usage_usec "),
+                user_usec: stat("cpu.stat", "user_usec "),
+                system_usec: stat("cpu.stat", "system_usec "),
+                ..Default::default()
+            })
+            .into();
+            metrics.memory = Some(v2::MemoryStat {
+                usage: number("memory.current"),
+                usage_limit: number("memory.max"),
+                anon: stat("memory.stat", "anon "),
+                file: stat("memory.stat", "file "),
+                inactive_file: stat("memory.stat", "inactive_file "),
+                ..Default::default()
+            })
+            .into();
+            return pack(&metrics);
+        }
+        let mut metrics = v1::Metrics::new();
+        metrics.pids = Some(v1::PidsStat {
+            current: number("pids.current"),
+            ..Default::default()
+        })
+        .into();
+        metrics.cpu = Some(v1::CPUStat {
+            usage: Some(v1::CPUUsage {
+                total: number("cpuacct.usage"),
+                user: number("cpuacct.usage_user"),
+                kernel: number("cpuacct.usage_sys"),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .into();
+        metrics.memory = Some(v1::MemoryStat {
+            cache: stat("memory.stat", "cache "),
+            rss: stat("memory.stat", "rss "),
+            total_inactive_file: stat("memory.stat", "total_inactive_file "),
+            usage: Some(v1::MemoryEntry {
+                usage: number("memory.usage_in_bytes"),
+                limit: number("memory.limit_in_bytes"),
+                max: number("memory.max_usage_in_bytes"),
+                failcnt: number("memory.failcnt"),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .into();
+        pack(&metrics)
     }
 
     /// Moves process `pid` into the cgroup in every hierarchy.
@@ -101,6 +273,15 @@ fn create_dir_all(mountpoint: &Path, relative: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn pack<M: containerd_shim_protos::protobuf::MessageFull>(
+    message: &M,
+) -> containerd_shim_protos::protobuf::well_known_types::any::Any {
+    let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
+    any.type_url = M::descriptor().full_name().to_string();
+    any.value = message.write_to_bytes().unwrap_or_default();
+    any
 }
 
 /// Whether the host runs the unified (v2-only) cgroup hierarchy.

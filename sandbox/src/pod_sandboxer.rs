@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use crate::cgroup::PodCgroup;
+use crate::cgroup::Cgroup;
 use crate::config::Config;
 use crate::controller::SandboxState;
 use crate::error::{Error, Result};
@@ -60,7 +60,7 @@ struct Running<R> {
     holder_pid: u32,
     tasks: Arc<TaskService<R>>,
     server: TaskServer,
-    cgroup: Option<PodCgroup>,
+    cgroup: Option<Cgroup>,
     address: String,
 }
 
@@ -121,7 +121,7 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             .map(|l| l.cgroup_parent.as_str())
             .unwrap_or_default();
         if !cgroup_parent.is_empty() {
-            let cgroup = PodCgroup::create(cgroup_parent, id)?;
+            let cgroup = Cgroup::create(cgroup_parent, id)?;
             cleanup.cgroup = Some(cgroup.clone());
             cgroup.add(holder_pid)?;
         }
@@ -193,7 +193,7 @@ fn fnv1a(id: &str) -> u64 {
 /// Undoes a half-started pod when dropped armed.
 struct Cleanup {
     holder_pid: Option<u32>,
-    cgroup: Option<PodCgroup>,
+    cgroup: Option<Cgroup>,
     files: Option<PodFiles>,
 }
 
