@@ -139,11 +139,16 @@ impl WasmRuntime {
                 .map_or_else(ProcessStdio::null, ProcessStdio::from),
         );
         let control_fd = theirs.as_raw_fd();
-        // SAFETY: only dup2, which is async-signal-safe, runs between fork and exec; it
-        // installs the control socket at CONTROL_FD without close-on-exec.
+        // SAFETY: only dup2 and fcntl, which are async-signal-safe, run between fork and
+        // exec; they install the control socket at CONTROL_FD without close-on-exec.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(control_fd, CONTROL_FD) < 0 {
+                let rc = if control_fd == CONTROL_FD {
+                    libc::fcntl(CONTROL_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(control_fd, CONTROL_FD)
+                };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

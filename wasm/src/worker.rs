@@ -47,8 +47,15 @@ pub fn run_if_requested() {
     if args.get(1).map(String::as_str) != Some(COMMAND) {
         return;
     }
-    // SAFETY: the sandboxer starts every worker with its control socket on CONTROL_FD,
-    // and nothing else in this process owns that descriptor.
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } < 0 {
+        eprintln!(
+            "{COMMAND}: no control socket on fd {CONTROL_FD}; only the sandboxer starts workers"
+        );
+        std::process::exit(2);
+    }
+    // SAFETY: the descriptor is open (checked above): the sandboxer starts every worker
+    // with its control socket there, and nothing else in this process owns it.
     let control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     let code = match args
         .get(2)
