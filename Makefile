@@ -12,7 +12,8 @@ setup:
 build:
 	$(CARGO) build --workspace --all-targets
 
-# The sandboxer binary is built first: the end-to-end tests start it as a separate process.
+# The sandboxer binaries (runc-sandboxer, wasm-sandboxer) are built first: the end-to-end tests
+# start them as separate processes.
 test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace

@@ -46,6 +46,10 @@ packages=(
     libc6-dev
     tar
     coreutils
+    clang-14
+    lld-14
+    wasi-libc
+    libclang-rt-14-dev-wasm32
 )
 
 missing=()
@@ -175,3 +179,4 @@ printf 'containerd: %s\n' "${containerd_dir}/usr/bin/containerd"
 printf 'ctr:        %s\n' "${containerd_dir}/usr/bin/ctr"
 printf 'runc:       %s\n' "$(command -v runc)"
 printf 'cni:        %s\n' "/usr/lib/cni"
+printf 'clang:      %s\n' "$(command -v clang-14)"

@@ -3,12 +3,18 @@
 
 use std::path::Path;
 
-use crate::harness::{Layout, KUASAR_RUNC_HANDLER, RUNC_HANDLER, SANDBOXER_NAME};
+use crate::harness::{
+    Layout, KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER, RUNC_HANDLER, SANDBOXER_NAME,
+    WASM_SANDBOXER_NAME,
+};
 use crate::images::PAUSE_IMAGE;
 
 /// Runtime type containerd is told to use for the sandboxer's handler; with a Task API v3
 /// address from the sandboxer containerd never launches a shim of that name.
 pub const KUASAR_RUNC_RUNTIME_TYPE: &str = "io.containerd.kuasar-runc.v2";
+
+/// Runtime type of the wasm sandboxer's handler.
+pub const KUASAR_WASM_RUNTIME_TYPE: &str = "io.containerd.kuasar-wasm.v2";
 
 /// Directory of the CNI plugin binaries of Debian's containernetworking-plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -83,6 +89,14 @@ sandboxer = {sandboxer}
 [proxy_plugins.{sandboxer}]
 type = "sandbox"
 address = {sandboxer_socket}
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{wasm_handler}]
+runtime_type = {wasm_type}
+sandboxer = {wasm_sandboxer}
+
+[proxy_plugins.{wasm_sandboxer}]
+type = "sandbox"
+address = {wasm_socket}
 "#,
         root = s(&layout.containerd_root),
         state = s(&layout.containerd_state),
@@ -100,6 +114,10 @@ address = {sandboxer_socket}
         kuasar_type = quote(KUASAR_RUNC_RUNTIME_TYPE),
         sandboxer = quote(SANDBOXER_NAME),
         sandboxer_socket = s(&layout.sandboxer_socket),
+        wasm_handler = quote(KUASAR_WASM_HANDLER),
+        wasm_type = quote(KUASAR_WASM_RUNTIME_TYPE),
+        wasm_sandboxer = quote(WASM_SANDBOXER_NAME),
+        wasm_socket = s(&layout.wasm_socket),
     )
 }
 
@@ -123,6 +141,29 @@ pub fn cni_conflist(layout: &Layout) -> String {
         }],
     });
     serde_json::to_string_pretty(&config).expect("a JSON value always serializes")
+}
+
+/// The wasm sandboxer's configuration file.
+pub fn wasm_sandboxer_config(layout: &Layout) -> String {
+    let s = |p: &Path| quote(&p.to_string_lossy());
+    format!(
+        r#"listen = {listen}
+state_dir = {state_dir}
+log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info,cranelift=info,wasmtime=info"
+
+[containerd]
+address = {address}
+ttrpc_address = {ttrpc_address}
+cri_root_dir = {cri_root}
+cri_state_dir = {cri_state}
+"#,
+        listen = s(&layout.wasm_socket),
+        state_dir = s(&layout.wasm_state),
+        address = s(&layout.containerd_socket),
+        ttrpc_address = s(&layout.containerd_ttrpc_socket),
+        cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
+        cri_state = s(&layout.cri_state_dir()),
+    )
 }
 
 /// The sandboxer's configuration file.

@@ -11,11 +11,11 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     Container, ContainerConfig, ContainerFilter, ContainerState, ContainerStatus,
     ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, Image,
-    ImageSpec, ListContainersRequest, ListImagesRequest, ListPodSandboxRequest, PodSandbox,
-    PodSandboxConfig, PodSandboxFilter, PodSandboxStatus, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StatusRequest, StatusResponse, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
-    VersionResponse,
+    ImageSpec, ImageStatusRequest, ImageStatusResponse, ListContainersRequest, ListImagesRequest,
+    ListPodSandboxRequest, PodSandbox, PodSandboxConfig, PodSandboxFilter, PodSandboxStatus,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StatusRequest, StatusResponse, StopContainerRequest,
+    StopPodSandboxRequest, VersionRequest, VersionResponse,
 };
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -387,6 +387,22 @@ impl CriClient {
             .await
             .context("CRI ListImages")?;
         Ok(response.into_inner().images)
+    }
+
+    /// The CRI image service's verbose status of `image`; its `image` is empty when the
+    /// image is unknown.
+    pub async fn image_status(&self, image: &str) -> Result<ImageStatusResponse> {
+        let request = ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: true,
+        };
+        let response = self
+            .images
+            .clone()
+            .image_status(request)
+            .await
+            .with_context(|| format!("CRI ImageStatus {image}"))?;
+        Ok(response.into_inner())
     }
 
     /// Stops and removes every pod, continuing past failures; returns the first error.

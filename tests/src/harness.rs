@@ -1,4 +1,4 @@
-//! One isolated containerd 2.1.9 (and optionally the runc sandboxer) per test.
+//! One isolated containerd 2.1.9 (and optionally the runc and wasm sandboxers) per test.
 //!
 //! Every [`Harness`] owns a run directory `/tmp/kuasar-t/<id>` holding containerd's root, state,
 //! sockets, configuration and logs, the sandboxer's socket and state, the CNI configuration and
@@ -42,6 +42,15 @@ pub const SANDBOXER_NAME: &str = "runc";
 /// Environment variable naming the sandboxer binary to run.
 pub const SANDBOXER_ENV: &str = "KUASAR_RUNC_SANDBOXER";
 
+/// CRI runtime handler served by the wasm sandboxer.
+pub const KUASAR_WASM_HANDLER: &str = "kuasar-wasm";
+
+/// Name of the wasm sandboxer's proxy plugin in containerd's configuration.
+pub const WASM_SANDBOXER_NAME: &str = "wasm";
+
+/// Environment variable naming the wasm sandboxer binary to run.
+pub const WASM_SANDBOXER_ENV: &str = "KUASAR_WASM_SANDBOXER";
+
 /// Environment variable naming the directory of the containerd binaries.
 pub const CONTAINERD_DIR_ENV: &str = "KUASAR_CONTAINERD_DIR";
 
@@ -80,6 +89,10 @@ pub struct Layout {
     pub sandboxer_state: PathBuf,
     pub sandboxer_config: PathBuf,
     pub sandboxer_log: PathBuf,
+    pub wasm_socket: PathBuf,
+    pub wasm_state: PathBuf,
+    pub wasm_config: PathBuf,
+    pub wasm_log: PathBuf,
     pub pod_log_dir: PathBuf,
     pub images_dir: PathBuf,
     pub owner_file: PathBuf,
@@ -112,6 +125,10 @@ impl Layout {
             sandboxer_state: at("runc-sandboxer"),
             sandboxer_config: at("runc-sandboxer.toml"),
             sandboxer_log: at("runc-sandboxer.log"),
+            wasm_socket: at("wasm-sandboxer.sock"),
+            wasm_state: at("wasm-sandboxer"),
+            wasm_config: at("wasm-sandboxer.toml"),
+            wasm_log: at("wasm-sandboxer.log"),
             pod_log_dir: at("pods"),
             images_dir: at("images"),
             owner_file: at("owner"),
@@ -146,6 +163,13 @@ pub struct HarnessOptions {
     /// Start the runc sandboxer and let containerd reach it through the proxy plugin. Without
     /// it only the [`RUNC_HANDLER`] baseline works.
     pub sandboxer: bool,
+    /// Start the wasm sandboxer too: pods can run on [`KUASAR_WASM_HANDLER`]. Implies
+    /// `wasm_image`.
+    pub wasm_sandboxer: bool,
+    /// Import [`images::WASM_IMAGE`], with or without the wasm sandboxer.
+    pub wasm_image: bool,
+    /// The wasm sandboxer binary to run instead of the one [`wasm_sandboxer_binary`] finds.
+    pub wasm_sandboxer_binary: Option<PathBuf>,
 }
 
 /// A pod the harness ran: its id and the configuration it was run with.
@@ -213,6 +237,7 @@ pub struct Harness {
     layout: Layout,
     containerd: Option<Daemon>,
     sandboxer: Option<Daemon>,
+    wasm_sandboxer: Option<Daemon>,
     cri: Option<CriClient>,
     pods: AtomicU32,
     torn_down: bool,
@@ -226,7 +251,20 @@ impl Harness {
 
     /// Starts the sandboxer and containerd: pods can run on [`KUASAR_RUNC_HANDLER`] too.
     pub async fn start_with_sandboxer() -> Result<Self> {
-        Self::start_with(HarnessOptions { sandboxer: true }).await
+        Self::start_with(HarnessOptions {
+            sandboxer: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Starts the wasm sandboxer and containerd: pods can run on [`KUASAR_WASM_HANDLER`].
+    pub async fn start_with_wasm_sandboxer() -> Result<Self> {
+        Self::start_with(HarnessOptions {
+            wasm_sandboxer: true,
+            ..Default::default()
+        })
+        .await
     }
 
     /// Starts what `options` asks for and waits until CRI reports runtime and network ready.
@@ -236,6 +274,7 @@ impl Harness {
             layout,
             containerd: None,
             sandboxer: None,
+            wasm_sandboxer: None,
             cri: None,
             pods: AtomicU32::new(0),
             torn_down: false,
@@ -292,6 +331,11 @@ impl Harness {
     /// PID of the sandboxer, when the harness runs one.
     pub fn sandboxer_pid(&self) -> Option<u32> {
         self.sandboxer.as_ref().map(Daemon::pid)
+    }
+
+    /// PID of the wasm sandboxer, when the harness runs one.
+    pub fn wasm_sandboxer_pid(&self) -> Option<u32> {
+        self.wasm_sandboxer.as_ref().map(Daemon::pid)
     }
 
     /// A pod configuration with a unique uid, hostname `name`, a log directory in the run
@@ -387,6 +431,7 @@ impl Harness {
             .containerd_pid()
             .into_iter()
             .chain(self.sandboxer_pid())
+            .chain(self.wasm_sandboxer_pid())
             .collect();
         let mut left = leftovers_of(&self.layout, &daemons)?;
         left.bridge = None;
@@ -398,6 +443,7 @@ impl Harness {
         for (name, path) in [
             ("containerd", &self.layout.containerd_log),
             ("runc-sandboxer", &self.layout.sandboxer_log),
+            ("wasm-sandboxer", &self.layout.wasm_log),
         ] {
             if let Ok(tail) = log_tail(path, LOG_TAIL_LINES) {
                 eprintln!(
@@ -425,6 +471,7 @@ impl Harness {
             &layout.cni_conf_dir,
             &layout.ipam_dir,
             &layout.sandboxer_state,
+            &layout.wasm_state,
             &layout.pod_log_dir,
             &layout.images_dir,
         ] {
@@ -443,6 +490,11 @@ impl Harness {
         let pause_tar = layout.images_dir.join("pause.tar");
         images::write_busybox_layout(&busybox_tar)?;
         images::write_pause_layout(&pause_tar)?;
+        let wasm_tar = layout.images_dir.join("wasm.tar");
+        let wasm_image = options.wasm_image || options.wasm_sandboxer;
+        if wasm_image {
+            images::write_wasm_layout(&wasm_tar)?;
+        }
 
         let bin_dir = containerd_bin_dir()?;
         let path_env = format!("{}:{SYSTEM_PATH}", bin_dir.display());
@@ -457,6 +509,25 @@ impl Harness {
             self.sandboxer = Some(daemon);
         }
 
+        if options.wasm_sandboxer {
+            write_file(&layout.wasm_config, &config::wasm_sandboxer_config(&layout))?;
+            let binary = match &options.wasm_sandboxer_binary {
+                Some(binary) => {
+                    ensure!(
+                        binary.is_file(),
+                        "wasm-sandboxer binary {} is not a file",
+                        binary.display()
+                    );
+                    binary.clone()
+                }
+                None => wasm_sandboxer_binary()?,
+            };
+            let mut command = Command::new(&binary);
+            command.arg("--config").arg(&layout.wasm_config);
+            let daemon = Daemon::spawn("wasm-sandboxer", command, &layout.wasm_log, &path_env)?;
+            self.wasm_sandboxer = Some(daemon);
+        }
+
         let mut command = Command::new(bin_dir.join("containerd"));
         command.arg("--config").arg(&layout.containerd_config);
         self.containerd = Some(Daemon::spawn(
@@ -469,6 +540,9 @@ impl Harness {
         if let Some(sandboxer) = self.sandboxer.as_mut() {
             wait_for_socket(sandboxer, &layout.sandboxer_socket)?;
         }
+        if let Some(sandboxer) = self.wasm_sandboxer.as_mut() {
+            wait_for_socket(sandboxer, &layout.wasm_socket)?;
+        }
         let containerd = self
             .containerd
             .as_mut()
@@ -476,7 +550,11 @@ impl Harness {
         wait_for_socket(containerd, &layout.containerd_socket)?;
 
         let ctr = bin_dir.join("ctr");
-        for tarball in [pause_tar, busybox_tar] {
+        let wasm = wasm_image.then_some(wasm_tar);
+        for tarball in [Some(pause_tar), Some(busybox_tar), wasm]
+            .into_iter()
+            .flatten()
+        {
             let (ctr, socket) = (ctr.clone(), layout.containerd_socket.clone());
             tokio::task::spawn_blocking(move || images::import(&ctr, &socket, &tarball))
                 .await
@@ -485,6 +563,11 @@ impl Harness {
 
         let cri = CriClient::connect(&layout.containerd_socket).await?;
         wait_until_ready(&cri).await?;
+        let mut imported = vec![images::PAUSE_IMAGE, images::BUSYBOX_IMAGE];
+        if wasm_image {
+            imported.push(images::WASM_IMAGE);
+        }
+        wait_for_images(&cri, &imported).await?;
         self.cri = Some(cri);
         Ok(())
     }
@@ -506,9 +589,13 @@ impl Harness {
                 first_error.get_or_insert(e);
             }
         }
-        for daemon in [self.containerd.as_mut(), self.sandboxer.as_mut()]
-            .into_iter()
-            .flatten()
+        for daemon in [
+            self.containerd.as_mut(),
+            self.sandboxer.as_mut(),
+            self.wasm_sandboxer.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if let Err(e) = daemon.stop(STOP_TIMEOUT) {
                 eprintln!("teardown: {e:#}");
@@ -575,7 +662,15 @@ pub fn leftovers_of(layout: &Layout, daemons: &[u32]) -> Result<Leftovers> {
         cgroups: top_level,
         task_bundles: cleanup::list_dir(&layout.task_bundle_dir()),
         runc_state: cleanup::list_dir(&layout.runc_root.join("k8s.io")),
-        sandboxer_state: files_below(&layout.sandboxer_state),
+        sandboxer_state: files_below(&layout.sandboxer_state)
+            .into_iter()
+            // The wasm sandboxer's compiled modules are a cache that outlives pods.
+            .chain(
+                files_below(&layout.wasm_state)
+                    .into_iter()
+                    .filter(|f| !f.starts_with(layout.wasm_state.join("modules"))),
+            )
+            .collect(),
         cni,
         bridge: cleanup::bridge_exists(layout).then(|| layout.bridge.clone()),
     })
@@ -610,40 +705,46 @@ pub fn containerd_bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The sandboxer binary: [`SANDBOXER_ENV`], else `runc-sandboxer` next to the test binary's
-/// profile directory (`target/<profile>`), else in `$CARGO_TARGET_DIR/debug` or the workspace's
-/// `target/debug`.
-pub fn sandboxer_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(SANDBOXER_ENV) {
+/// The binary `name` of a sandboxer family: `$env` when set, else `name` next to the test
+/// binary's profile directory (`target/<profile>`), else in `$CARGO_TARGET_DIR/debug` or the
+/// workspace's `target/debug`.
+pub fn family_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
-        ensure!(
-            path.is_file(),
-            "{SANDBOXER_ENV}={} is not a file",
-            path.display()
-        );
+        ensure!(path.is_file(), "{env}={} is not a file", path.display());
         return Ok(path);
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
         // target/<profile>/deps/<test binary>
         if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile_dir.join("runc-sandboxer"));
+            candidates.push(profile_dir.join(name));
         }
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_dir().join("target"));
-    candidates.push(target.join("debug/runc-sandboxer"));
+    candidates.push(target.join("debug").join(name));
     candidates
         .iter()
         .find(|p| p.is_file())
         .cloned()
         .ok_or_else(|| {
             anyhow!(
-                "runc-sandboxer not found in {candidates:?}: build it (cargo build -p runc-sandboxer) \
-                 or set {SANDBOXER_ENV}"
+                "{name} not found in {candidates:?}: build it (cargo build --workspace --bins) \
+                 or set {env}"
             )
         })
+}
+
+/// The runc sandboxer binary, found by [`family_binary`] with [`SANDBOXER_ENV`].
+pub fn sandboxer_binary() -> Result<PathBuf> {
+    family_binary("runc-sandboxer", SANDBOXER_ENV)
+}
+
+/// The wasm sandboxer binary, found by [`family_binary`] with [`WASM_SANDBOXER_ENV`].
+pub fn wasm_sandboxer_binary() -> Result<PathBuf> {
+    family_binary("wasm-sandboxer", WASM_SANDBOXER_ENV)
 }
 
 fn workspace_dir() -> PathBuf {
@@ -871,6 +972,22 @@ async fn wait_until_ready(cri: &CriClient) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until CRI's image service knows every image of `names`: it learns of imports from
+/// containerd's events, after `ctr images import` has returned.
+async fn wait_for_images(cri: &CriClient, names: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    for name in names {
+        while cri.image_status(name).await?.image.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "CRI does not know the imported image {name} after {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Stops and removes every pod through CRI, on a runtime of its own so that it works from

@@ -17,6 +17,9 @@ pub const BUSYBOX_IMAGE: &str = "localhost/kuasar/busybox:test";
 /// Reference of the sandbox image; containerd is configured to pin it.
 pub const PAUSE_IMAGE: &str = "localhost/kuasar/pause:test";
 
+/// Name of the test image holding WASI modules.
+pub const WASM_IMAGE: &str = "localhost/kuasar/wasm:test";
+
 /// Busybox binary of the `busybox-static` package.
 const BUSYBOX_BINARY: &str = "/bin/busybox";
 
@@ -79,6 +82,54 @@ pub fn write_busybox_layout(path: &Path) -> Result<()> {
         cmd: vec!["sh".to_string()],
     };
     write_layout(&spec, path)
+}
+
+/// Writes the wasm image as an OCI image-layout tarball at `path`: every test module at
+/// `/<name>.wasm`, a file that is not WebAssembly at `/bad.wasm`, a `/data` directory,
+/// and `/hello.wasm` as the entrypoint.
+pub fn write_wasm_layout(path: &Path) -> Result<()> {
+    let spec = ImageSpec {
+        name: WASM_IMAGE,
+        entries: wasm_entries(Path::new(env!("KUASAR_TEST_WASM_DIR")))?,
+        entrypoint: vec!["/hello.wasm".to_string()],
+        cmd: Vec::new(),
+    };
+    write_layout(&spec, path)
+}
+
+/// The wasm image's layer: the modules the build compiled into `dir`, in name order so that
+/// equal modules give equal digests.
+fn wasm_entries(dir: &Path) -> Result<Vec<Entry>> {
+    let mut modules: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    modules.retain(|m| m.extension().is_some_and(|e| e == "wasm"));
+    modules.sort();
+    ensure!(!modules.is_empty(), "no modules in {}", dir.display());
+
+    let mut entries = vec![Entry::Dir("data"), Entry::Dir("app")];
+    for module in modules {
+        let name = module
+            .file_name()
+            .context("module without a name")?
+            .to_string_lossy()
+            .into_owned();
+        let data =
+            fs::read(&module).with_context(|| format!("cannot read {}", module.display()))?;
+        entries.push(Entry::File {
+            path: name,
+            data,
+            mode: 0o755,
+        });
+    }
+    entries.push(Entry::File {
+        path: "bad.wasm".to_string(),
+        data: b"this is not wasm\n".to_vec(),
+        mode: 0o755,
+    });
+    Ok(entries)
 }
 
 /// Writes the sandbox image as an OCI image-layout tarball at `path`.
@@ -345,5 +396,40 @@ mod tests {
     fn layer_is_reproducible() {
         let entries = base_entries();
         assert_eq!(layer_tar(&entries).unwrap(), layer_tar(&entries).unwrap());
+    }
+
+    #[test]
+    fn wasm_image_holds_every_module_and_a_bad_one() {
+        let dir = Path::new(env!("KUASAR_TEST_WASM_DIR"));
+        let entries = wasm_entries(dir).unwrap();
+        let file = |name: &str| {
+            entries.iter().find_map(|e| match e {
+                Entry::File { path, data, .. } if path == name => Some(data.clone()),
+                _ => None,
+            })
+        };
+        for module in [
+            "hello",
+            "exit",
+            "trap",
+            "loop",
+            "memhog",
+            "writer",
+            "sleeper",
+            "missing-import",
+        ] {
+            let data = file(&format!("{module}.wasm")).unwrap_or_else(|| panic!("no {module}"));
+            assert!(
+                data.starts_with(b"\0asm\x01\0\0\0"),
+                "{module} is no wasm module"
+            );
+        }
+        assert!(!file("bad.wasm").unwrap().starts_with(b"\0asm"));
+        let import = file("missing-import.wasm").unwrap();
+        assert!(import.windows(14).any(|w| w == b"kuasar_missing"));
+        assert_eq!(
+            layer_tar(&entries).unwrap(),
+            layer_tar(&wasm_entries(dir).unwrap()).unwrap()
+        );
     }
 }
