@@ -62,7 +62,6 @@ done
 if ((${#missing[@]} > 0)); then
     log "installing: ${missing[*]}"
     # The lists are needed only when something is to be installed; refresh
-    # them when they are absent or older than a day.
     # them when they are absent or older than a day, or when an install from
     # the present lists fails (their files may have left the mirror).
     updated=0

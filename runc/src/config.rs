@@ -20,7 +20,7 @@ pub struct RuncSettings {
 
 /// The `[runc]` table.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuncSection {
     /// The runc binary.
     pub binary: PathBuf,

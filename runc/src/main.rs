@@ -5,15 +5,12 @@ mod console;
 mod runtime;
 mod stats;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
-use kuasar_sandbox::config::Config;
-use kuasar_sandbox::events::EventPublisher;
-use kuasar_sandbox::{reaper, server, PodSandboxer};
+use kuasar_sandbox::launch::{self, CommonArgs};
+use kuasar_sandbox::PodSandboxer;
 
 use crate::config::RuncSettings;
 use crate::runtime::RuncRuntime;
@@ -25,70 +22,22 @@ const FAMILY: &str = "runc";
 #[derive(Debug, Parser)]
 #[command(name = "runc-sandboxer", version, about)]
 struct Cli {
-    /// Configuration file [default: /etc/kuasar/runc-sandboxer.toml when present]
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Unix socket to serve the Sandbox API on [default: /run/runc-sandboxer.sock]
-    #[arg(long, value_name = "SOCKET")]
-    listen: Option<PathBuf>,
-    /// Directory for sandbox state [default: /run/kuasar/runc]
-    #[arg(long, value_name = "DIR")]
-    dir: Option<PathBuf>,
-    /// Log filter: error, warn, info, debug, trace, or tracing directives [default: info]
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {
     kuasar_sandbox::holder::run_if_requested();
 
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("runc-sandboxer: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = Config::<RuncSettings>::load(FAMILY, cli.config.as_deref())?;
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    if let Some(dir) = cli.dir {
-        config.state_dir = dir;
-    }
-    if let Some(level) = cli.log_level {
-        config.log_level = level;
-    }
-    for (key, path) in [("--listen", &config.listen), ("--dir", &config.state_dir)] {
-        if !path.is_absolute() || path.parent().is_none() {
-            anyhow::bail!(
-                "{key} must be an absolute path below /, got {}",
-                path.display()
-            );
-        }
-    }
-    server::init_logging(&config.log_level)?;
-    check_runc(&config.family.runc.binary)?;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        reaper::start().context("become the subreaper of containers")?;
-        let events = EventPublisher::start(config.containerd.events_address());
-        let listen = config.listen.clone();
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %config.state_dir.display(), "runc-sandboxer starting");
-        let runtime = Arc::new(RuncRuntime::for_config(&config)?);
-        let sandboxer = Arc::new(PodSandboxer::new(&config, runtime, events));
-        server::serve(&listen, sandboxer).await
-    })
+    let result = cli.common.load::<RuncSettings>(FAMILY).and_then(|config| {
+        check_runc(&config.family.runc.binary)?;
+        launch::run("runc-sandboxer", config, |config, events| {
+            let runtime = Arc::new(RuncRuntime::for_config(config)?);
+            Ok(PodSandboxer::new(config, runtime, events))
+        })
+    });
+    launch::exit_code("runc-sandboxer", result)
 }
 
 /// Fails early, with the name tried, when the runc binary cannot be found.

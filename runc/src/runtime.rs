@@ -16,9 +16,7 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use kuasar_sandbox::error::{Error, Result};
 use kuasar_sandbox::io::{ProcessFds, Stdio};
 use kuasar_sandbox::reaper;
-use kuasar_sandbox::task::{
-    ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Mount, Spawned,
-};
+use kuasar_sandbox::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Spawned};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -187,31 +185,6 @@ fn classify(what: &str, id: &str, message: String) -> Error {
     }
 }
 
-/// Mounts the root filesystem containerd prepared at `<bundle>/rootfs`.
-async fn mount_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<()> {
-    if mounts.is_empty() {
-        return Ok(());
-    }
-    let target = bundle.join("rootfs");
-    let mounts = mounts.to_vec();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
-        for mount in &mounts {
-            containerd_shim::mount::mount_rootfs(
-                Some(&mount.fs_type),
-                Some(&mount.source),
-                &mount.options,
-                &target,
-            )
-            .with_context(|| format!("mount {} rootfs at {}", mount.fs_type, target.display()))?;
-        }
-        Ok(())
-    })
-    .await
-    .context("mount task")??;
-    Ok(())
-}
-
 /// Starts watching the memory cgroup named in the container's spec for OOM kills.
 fn watch_oom(id: &str, bundle: &Path) -> Option<kuasar_sandbox::oom::OomReceiver> {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok()?;
@@ -233,14 +206,7 @@ fn watch_oom(id: &str, bundle: &Path) -> Option<kuasar_sandbox::oom::OomReceiver
 }
 
 fn unmount_rootfs(bundle: &Path) -> anyhow::Result<()> {
-    let target = bundle.join("rootfs");
-    loop {
-        match nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) => continue,
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
-            Err(err) => return Err(err).with_context(|| format!("unmount {}", target.display())),
-        }
-    }
+    kuasar_sandbox::mount::unmount_all(&bundle.join("rootfs"))
 }
 
 #[async_trait]
@@ -254,7 +220,7 @@ impl ContainerRuntime for RuncRuntime {
                 bundle.display()
             )));
         }
-        mount_rootfs(bundle, &container.rootfs).await?;
+        kuasar_sandbox::mount::mount_rootfs(bundle, &container.rootfs).await?;
 
         let pid_file = bundle.join("init.pid");
         let mut args = vec![

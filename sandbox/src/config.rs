@@ -18,6 +18,9 @@ use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+/// Top-level keys every sandboxer's configuration file may have.
+const COMMON_KEYS: [&str; 4] = ["listen", "state_dir", "log_level", "containerd"];
+
 /// Keys every sandboxer's configuration file has, plus the family's own section `F`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -37,7 +40,7 @@ pub struct Config<F> {
 
 /// Where containerd lives, for events and for the pod files CRI reads.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ContainerdConfig {
     /// containerd's gRPC socket.
     pub address: PathBuf,
@@ -118,6 +121,14 @@ impl<F: DeserializeOwned + Default> Config<F> {
     /// Parses a configuration document, filling gaps with the family's defaults.
     pub fn parse(family: &str, text: &str) -> anyhow::Result<Self> {
         let mut value: toml::Table = toml::from_str(text)?;
+        // Family settings are tables of their own, so a plain value under an unknown key
+        // can only be a typo of a common key.
+        if let Some((key, _)) = value
+            .iter()
+            .find(|(key, v)| !COMMON_KEYS.contains(&key.as_str()) && !v.is_table())
+        {
+            bail!("unknown key {key:?} (expected one of {COMMON_KEYS:?} or a section)");
+        }
         let defaults = Self::defaults(family);
         for (key, default) in [
             ("listen", defaults.listen.display().to_string()),
@@ -216,6 +227,14 @@ mod tests {
         assert!(err.to_string().contains("'..'"), "{err}");
         let err = Config::<Family>::parse("runc", "listen = \"/\"").unwrap_err();
         assert!(err.to_string().contains("root directory"), "{err}");
+    }
+
+    #[test]
+    fn rejects_misspelt_keys() {
+        let err = Config::<Family>::parse("runc", "lisen = \"/x.sock\"").unwrap_err();
+        assert!(err.to_string().contains("unknown key \"lisen\""), "{err}");
+        let err = Config::<Family>::parse("runc", "[containerd]\nadress = \"/x\"").unwrap_err();
+        assert!(format!("{err:#}").contains("adress"), "{err:#}");
     }
 
     #[test]

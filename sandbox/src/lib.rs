@@ -14,6 +14,8 @@ pub mod events;
 pub mod holder;
 pub mod id;
 pub mod io;
+pub mod launch;
+pub mod mount;
 pub mod oom;
 pub mod pod;
 pub mod pod_sandboxer;

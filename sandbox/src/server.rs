@@ -68,10 +68,10 @@ pub fn init_logging(level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
 
     let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
-        _ => EnvFilter::try_new(level),
-    }
-    .with_context(|| format!("invalid log level {level:?}"))?;
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
+            .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
+        _ => EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

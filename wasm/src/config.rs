@@ -19,7 +19,7 @@ pub struct WasmSettings {
 
 /// The `[wasm]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct WasmSection {
     /// Directory of precompiled modules, keyed by module content and engine settings.
     pub cache_dir: Option<PathBuf>,

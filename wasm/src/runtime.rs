@@ -17,10 +17,9 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use kuasar_sandbox::cgroup::Cgroup;
 use kuasar_sandbox::error::{Error, Result};
 use kuasar_sandbox::io::Stdio;
+use kuasar_sandbox::mount::unmount_all;
 use kuasar_sandbox::reaper;
-use kuasar_sandbox::task::{
-    ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Mount, Spawned,
-};
+use kuasar_sandbox::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Spawned};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{Process, Spec};
@@ -210,33 +209,6 @@ fn resolve(rootfs: &Path, cwd: &str, path: &str) -> Option<PathBuf> {
     Some(host)
 }
 
-/// Mounts the root filesystem containerd prepared at `<bundle>/rootfs`.
-async fn mount_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf> {
-    let target = bundle.join("rootfs");
-    let mounts = mounts.to_vec();
-    let mounted = target.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
-        for mount in &mounts {
-            containerd_shim::mount::mount_rootfs(
-                Some(&mount.fs_type),
-                Some(&mount.source),
-                &mount.options,
-                &target,
-            )
-            .with_context(|| format!("mount {} rootfs at {}", mount.fs_type, target.display()))?;
-        }
-        Ok(())
-    })
-    .await
-    .context("mount task")??;
-    Ok(mounted)
-}
-
-fn unmount(target: &Path) {
-    while nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
-}
-
 /// Directories a container's modules see: the root filesystem as `/`, and each bind
 /// mount of a directory (CRI volumes) at its destination.
 fn preopens(spec: &Spec, rootfs: &Path) -> Vec<(PathBuf, String)> {
@@ -275,7 +247,8 @@ impl ContainerRuntime for WasmRuntime {
             .clone()
             .ok_or_else(|| Error::InvalidArgument(format!("container {id:?} has no process")))?;
 
-        let rootfs = mount_rootfs(&container.bundle, &container.rootfs).await?;
+        let rootfs =
+            kuasar_sandbox::mount::mount_rootfs(&container.bundle, &container.rootfs).await?;
         let cgroup = match spec
             .linux()
             .as_ref()
@@ -295,7 +268,7 @@ impl ContainerRuntime for WasmRuntime {
                         Some(cgroup)
                     }
                     Err(err) => {
-                        unmount(&rootfs);
+                        let _ = unmount_all(&rootfs);
                         return Err(err
                             .context(format!("create cgroup of container {id:?}"))
                             .into());
@@ -322,7 +295,7 @@ impl ContainerRuntime for WasmRuntime {
                 if let Some(cgroup) = &cgroup {
                     let _ = cgroup.remove();
                 }
-                unmount(&rootfs);
+                let _ = unmount_all(&rootfs);
                 return Err(err);
             }
         };
@@ -444,7 +417,7 @@ impl ContainerRuntime for WasmRuntime {
                 .context("cgroup task")?
                 .with_context(|| format!("remove cgroup of container {id:?}"))?;
         }
-        unmount(&container.rootfs);
+        let _ = unmount_all(&container.rootfs);
         Ok(())
     }
 

@@ -1,0 +1,100 @@
+//! What every sandboxer binary does between `main` and serving: its command line, its
+//! configuration, logging, the subreaper, the event publisher and the Sandbox API server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::controller::Sandboxer;
+use crate::events::EventPublisher;
+use crate::{reaper, server};
+
+/// Command-line flags every sandboxer takes; they override the configuration file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file [default: /etc/kuasar/<family>-sandboxer.toml when present]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve the Sandbox API on [default: /run/<family>-sandboxer.sock]
+    #[arg(long, value_name = "SOCKET")]
+    pub listen: Option<PathBuf>,
+    /// Directory for sandbox state [default: /run/kuasar/<family>]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or tracing directives [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl CommonArgs {
+    /// Reads the configuration of `family` and applies the flags over it.
+    pub fn load<F: DeserializeOwned + Default>(self, family: &str) -> anyhow::Result<Config<F>> {
+        let mut config = Config::<F>::load(family, self.config.as_deref())?;
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = self.dir {
+            config.state_dir = dir;
+        }
+        if let Some(level) = self.log_level {
+            config.log_level = level;
+        }
+        for (flag, path) in [("--listen", &config.listen), ("--dir", &config.state_dir)] {
+            if !path.is_absolute() || path.parent().is_none() {
+                anyhow::bail!(
+                    "{flag} must be an absolute path below /, got {}",
+                    path.display()
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Serves the sandboxer that `build` makes from `config` until SIGTERM or SIGINT.
+///
+/// Sets up logging and the state directory first, then, inside the runtime, the
+/// subreaper and the publisher of task events that `build` receives.
+pub fn run<F, S>(
+    name: &str,
+    config: Config<F>,
+    build: impl FnOnce(&Config<F>, EventPublisher) -> anyhow::Result<S>,
+) -> anyhow::Result<()>
+where
+    S: Sandboxer,
+{
+    server::init_logging(&config.log_level)?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        reaper::start().context("become the subreaper of containers")?;
+        let events = EventPublisher::start(config.containerd.events_address());
+        tracing::info!(
+            sandboxer = name,
+            version = env!("CARGO_PKG_VERSION"),
+            state_dir = %config.state_dir.display(),
+            "starting"
+        );
+        let sandboxer = Arc::new(build(&config, events)?);
+        server::serve(&config.listen, sandboxer).await
+    })
+}
+
+/// Turns the outcome of a sandboxer's run into its exit code, printing the error chain.
+pub fn exit_code(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
