@@ -2,18 +2,20 @@
 # Prepares a Debian 12 machine for building and testing the project.
 #
 # Installs the bookworm packages the build and the end-to-end tests need and
-# unpacks containerd 2.1.9 from Debian sid into .cache/ of the repository,
+# unpacks containerd 2.1.9 from Debian sid and runsc (gVisor) from
+# bookworm-backports into .cache/ of the repository,
 # using a private apt configuration so nothing from sid touches the system.
 # Safe to run again: every step is skipped when its result is already there.
 set -euo pipefail
 
 CONTAINERD_VERSION="2.1.9"
+RUNSC_VERSION="20240729"
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "${script_dir}/.." && pwd)"
 cache_dir="${repo_root}/.cache"
-apt_sid_dir="${cache_dir}/apt-sid"
 containerd_dir="${cache_dir}/containerd-${CONTAINERD_VERSION}"
+runsc_dir="${cache_dir}/runsc-${RUNSC_VERSION}"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -125,6 +127,52 @@ system_mirror() {
     return 1
 }
 
+# Downloads package NAME whose version starts with VERSION from Debian suite
+# SUITE and unpacks it into DEST, through a private apt configuration under
+# .cache/apt-SUITE so the system's own apt state is never touched.
+unpack_from_suite() {
+    local suite="$1" name="$2" version_prefix="$3" dest="$4"
+    local apt_dir="${cache_dir}/apt-${suite}"
+    local codename mirror version deb
+
+    # shellcheck disable=SC1091
+    codename="$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")"
+    [[ -n "${codename}" ]] || die "cannot read VERSION_CODENAME from /etc/os-release"
+    mirror="$(system_mirror "${codename}")" || die "no Debian mirror for ${codename} in the apt sources"
+    [[ "${mirror}" =~ ^(https?|file):// ]] || die "unexpected mirror URI: ${mirror}"
+    log "using mirror ${mirror} for ${suite}"
+
+    check_owned_path "${apt_dir}"
+    mkdir -p "${apt_dir}/lists/partial" "${apt_dir}/cache/archives/partial" "${apt_dir}/debs"
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    [[ -f "${keyring}" ]] || die "missing ${keyring}"
+    printf 'deb [signed-by=%s] %s %s main\n' "${keyring}" "${mirror}" "${suite}" >"${apt_dir}/sources.list"
+
+    local apt_suite=(
+        -o "Dir::Etc::SourceList=${apt_dir}/sources.list"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::State::Lists=${apt_dir}/lists"
+        -o "Dir::Cache=${apt_dir}/cache"
+        -o "Dir::State::Status=/dev/null"
+        -o "APT::Get::List-Cleanup=false"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+    )
+    apt-get "${apt_suite[@]}" update
+    version="$(apt-cache "${apt_suite[@]}" madison "${name}" |
+        awk -F'|' -v v="${version_prefix}" '{ gsub(/ /, "", $2) } index($2, v) == 1 { print $2; exit }')"
+    [[ -n "${version}" ]] || die "${suite} has no ${name} ${version_prefix}*"
+    log "downloading ${name}=${version}"
+    (cd "${apt_dir}/debs" && apt-get "${apt_suite[@]}" download "${name}=${version}")
+
+    deb="$(find "${apt_dir}/debs" -maxdepth 1 -name "${name}_${version//:/%3a}_*.deb" -print -quit)"
+    [[ -n "${deb}" ]] || die "download left no ${name} .deb"
+    check_owned_path "${dest}"
+    rm -rf -- "${dest}"
+    mkdir -p "${dest}"
+    dpkg -x "${deb}" "${dest}"
+}
+
 containerd_ok() {
     [[ -x "${containerd_dir}/usr/bin/containerd" ]] &&
         "${containerd_dir}/usr/bin/containerd" --version 2>/dev/null | grep -q " v\?${CONTAINERD_VERSION}"
@@ -133,43 +181,22 @@ containerd_ok() {
 if containerd_ok; then
     log "containerd ${CONTAINERD_VERSION} present"
 else
-    # shellcheck disable=SC1091
-    codename="$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")"
-    [[ -n "${codename}" ]] || die "cannot read VERSION_CODENAME from /etc/os-release"
-    mirror="$(system_mirror "${codename}")" || die "no Debian mirror for ${codename} in the apt sources"
-    [[ "${mirror}" =~ ^(https?|file):// ]] || die "unexpected mirror URI: ${mirror}"
-    log "using mirror ${mirror} for sid"
-
-    check_owned_path "${apt_sid_dir}"
-    mkdir -p "${apt_sid_dir}/lists/partial" "${apt_sid_dir}/cache/archives/partial" "${apt_sid_dir}/debs"
-    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    [[ -f "${keyring}" ]] || die "missing ${keyring}"
-    printf 'deb [signed-by=%s] %s sid main\n' "${keyring}" "${mirror}" >"${apt_sid_dir}/sources.list"
-
-    apt_sid=(
-        -o "Dir::Etc::SourceList=${apt_sid_dir}/sources.list"
-        -o "Dir::Etc::SourceParts=/dev/null"
-        -o "Dir::State::Lists=${apt_sid_dir}/lists"
-        -o "Dir::Cache=${apt_sid_dir}/cache"
-        -o "Dir::State::Status=/dev/null"
-        -o "APT::Get::List-Cleanup=false"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
-    )
-    apt-get "${apt_sid[@]}" update
-    version="$(apt-cache "${apt_sid[@]}" madison containerd |
-        awk -F'|' -v v="${CONTAINERD_VERSION}" '{ gsub(/ /, "", $2) } index($2, v) == 1 { print $2; exit }')"
-    [[ -n "${version}" ]] || die "sid has no containerd ${CONTAINERD_VERSION}*"
-    log "downloading containerd=${version}"
-    (cd "${apt_sid_dir}/debs" && apt-get "${apt_sid[@]}" download "containerd=${version}")
-
-    deb="$(find "${apt_sid_dir}/debs" -maxdepth 1 -name "containerd_${version//:/%3a}_*.deb" -print -quit)"
-    [[ -n "${deb}" ]] || die "download left no containerd .deb"
-    check_owned_path "${containerd_dir}"
-    rm -rf -- "${containerd_dir}"
-    mkdir -p "${containerd_dir}"
-    dpkg -x "${deb}" "${containerd_dir}"
+    unpack_from_suite sid containerd "${CONTAINERD_VERSION}" "${containerd_dir}"
     containerd_ok || die "unpacked containerd does not report ${CONTAINERD_VERSION}"
+fi
+
+# --- runsc (gVisor) from bookworm-backports, unpacked --------------------------
+
+runsc_ok() {
+    [[ -x "${runsc_dir}/usr/bin/runsc" ]] &&
+        "${runsc_dir}/usr/bin/runsc" --version 2>/dev/null | grep -q "${RUNSC_VERSION}"
+}
+
+if runsc_ok; then
+    log "runsc ${RUNSC_VERSION} present"
+else
+    unpack_from_suite bookworm-backports runsc "0.0~${RUNSC_VERSION}" "${runsc_dir}"
+    runsc_ok || die "unpacked runsc does not report ${RUNSC_VERSION}"
 fi
 
 # --- summary -----------------------------------------------------------------
@@ -177,5 +204,6 @@ fi
 printf 'containerd: %s\n' "${containerd_dir}/usr/bin/containerd"
 printf 'ctr:        %s\n' "${containerd_dir}/usr/bin/ctr"
 printf 'runc:       %s\n' "$(command -v runc)"
+printf 'runsc:      %s\n' "${runsc_dir}/usr/bin/runsc"
 printf 'cni:        %s\n' "/usr/lib/cni"
 printf 'clang:      %s\n' "$(command -v clang-14)"
