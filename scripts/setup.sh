@@ -41,6 +41,7 @@ check_owned_path() {
 packages=(
     runc
     protobuf-compiler
+    libprotobuf-dev
     busybox-static
     containernetworking-plugins
     iproute2

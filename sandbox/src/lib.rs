@@ -16,6 +16,7 @@ pub mod id;
 pub mod io;
 pub mod launch;
 pub mod mount;
+pub mod oci;
 pub mod oom;
 pub mod pod;
 pub mod pod_sandboxer;

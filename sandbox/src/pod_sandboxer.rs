@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::events::EventPublisher;
 use crate::holder::{self, HolderSpec};
 use crate::pod::{PodFiles, PodNamespaces};
-use crate::task::{ContainerRuntime, TaskServer, TaskService};
+use crate::task::{ContainerRuntime, PodContext, TaskServer, TaskService};
 use crate::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 
 /// Task API version served to containerd.
@@ -58,6 +58,8 @@ struct PodSandbox<R> {
 
 struct Running<R> {
     holder_pid: u32,
+    /// Turns true once the holder is reaped, so that its pid is never signalled after.
+    holder_exited: watch::Receiver<bool>,
     tasks: Arc<TaskService<R>>,
     server: TaskServer,
     cgroup: Option<Cgroup>,
@@ -136,25 +138,62 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
         let address = server.address();
 
+        let context = PodContext {
+            id: id.to_string(),
+            holder_pid,
+            netns: sandbox
+                .request
+                .netns_path
+                .clone()
+                .filter(|_| !namespaces.host_network),
+            hostname: hostname.clone(),
+            cgroup_path: cleanup
+                .cgroup
+                .as_ref()
+                .map(|_| format!("{}/{id}", cgroup_parent.trim_end_matches('/'))),
+        };
+        let pod_exit = match self.runtime.start_pod(&context).await {
+            Ok(exit) => exit,
+            Err(err) => {
+                if let Err(stop) = self.runtime.stop_pod(id).await {
+                    tracing::warn!(sandbox_id = %id, error = %stop, "cannot clean up a pod that failed to start");
+                }
+                server.shutdown().await;
+                return Err(anyhow::Error::new(err));
+            }
+        };
+        if let Some(pod_exit) = pod_exit {
+            let exit = sandbox.exit.clone();
+            let sandbox_id = id.to_string();
+            tokio::spawn(async move {
+                let status = pod_exit
+                    .await
+                    .map(|s| (s.code as u32, s.at))
+                    .unwrap_or((255, SystemTime::now()));
+                tracing::info!(%sandbox_id, exit_code = status.0, "the pod's own process exited");
+                record_exit(&exit, status);
+            });
+        }
+
         let exit = sandbox.exit.clone();
         let sandbox_id = id.to_string();
         let holder_exit = holder.exit;
+        let (holder_gone, holder_exited) = watch::channel(false);
         tokio::spawn(async move {
             let status = holder_exit
                 .await
                 .map(|s| (s.code as u32, s.at))
                 .unwrap_or((255, SystemTime::now()));
             tracing::info!(%sandbox_id, pid = holder_pid, exit_code = status.0, "namespace holder exited");
-            exit.send_replace(Some(SandboxExit {
-                code: status.0,
-                at: status.1,
-            }));
+            holder_gone.send_replace(true);
+            record_exit(&exit, status);
         });
 
         let cgroup = cleanup.cgroup.take();
         cleanup.disarm();
         Ok(Running {
             holder_pid,
+            holder_exited,
             tasks,
             server,
             cgroup,
@@ -162,18 +201,15 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         })
     }
 
-    async fn stop_pod(
-        &self,
-        id: &str,
-        sandbox: &PodSandbox<R>,
-        running: &Running<R>,
-        grace: Duration,
-    ) {
+    async fn stop_pod(&self, id: &str, running: &Running<R>, grace: Duration) {
         running.tasks.kill_all(grace).await;
-        if sandbox.exit.borrow().is_none() {
+        if let Err(err) = self.runtime.stop_pod(id).await {
+            tracing::warn!(sandbox_id = %id, error = %err, "cannot stop the pod's own process");
+        }
+        let mut holder_exited = running.holder_exited.clone();
+        if !*holder_exited.borrow() {
             let _ = kill(Pid::from_raw(running.holder_pid as i32), Signal::SIGKILL);
-            let mut exit = sandbox.exit.subscribe();
-            if tokio::time::timeout(HOLDER_EXIT_TIMEOUT, exit.wait_for(Option::is_some))
+            if tokio::time::timeout(HOLDER_EXIT_TIMEOUT, holder_exited.wait_for(|gone| *gone))
                 .await
                 .is_err()
             {
@@ -181,6 +217,17 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             }
         }
     }
+}
+
+/// Records the first exit of a pod; later ones (its holder after its kernel) are not news.
+fn record_exit(exit: &watch::Sender<Option<SandboxExit>>, (code, at): (u32, SystemTime)) {
+    exit.send_if_modified(|current| {
+        if current.is_some() {
+            return false;
+        }
+        *current = Some(SandboxExit { code, at });
+        true
+    });
 }
 
 /// FNV-1a hash of a sandbox id, naming its socket.
@@ -292,7 +339,7 @@ impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
         let sandbox = self.get(id)?;
         let running = sandbox.running.lock().await;
         if let Some(running) = running.as_ref() {
-            self.stop_pod(id, &sandbox, running, timeout.unwrap_or(DEFAULT_STOP_GRACE))
+            self.stop_pod(id, running, timeout.unwrap_or(DEFAULT_STOP_GRACE))
                 .await;
         } else if sandbox.exit.borrow().is_none() {
             sandbox.exit.send_replace(Some(SandboxExit {
@@ -357,7 +404,7 @@ impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
         // Everything that can fail comes before the sandbox is forgotten, so that a
         // failed Shutdown can be retried.
         if let Some(started) = running.as_ref() {
-            self.stop_pod(id, &sandbox, started, Duration::ZERO).await;
+            self.stop_pod(id, started, Duration::ZERO).await;
             if let Some(cgroup) = &started.cgroup {
                 cgroup.remove().map_err(|err| {
                     Error::Internal(err.context(format!("shut down sandbox {id:?}")))

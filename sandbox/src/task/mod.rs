@@ -17,6 +17,21 @@ use crate::error::Result;
 use crate::io::{Console, Stdio};
 use crate::reaper::ExitReceiver;
 
+/// A pod whose namespaces are held, as a family's pod-wide process needs to know it.
+#[derive(Debug, Clone)]
+pub struct PodContext {
+    /// Sandbox id.
+    pub id: String,
+    /// Host pid of the pod's namespace holder.
+    pub holder_pid: u32,
+    /// The network namespace CRI prepared; none for a pod on the host's network.
+    pub netns: Option<PathBuf>,
+    /// The pod's hostname.
+    pub hostname: String,
+    /// The pod's cgroup (a cgroupfs path), when it has a cgroup parent.
+    pub cgroup_path: Option<String>,
+}
+
 /// A container to create, as containerd describes it.
 #[derive(Debug, Clone)]
 pub struct CreateContainer {
@@ -111,4 +126,19 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// Host pids of the processes in a container.
     async fn pids(&self, id: &str) -> Result<Vec<u32>>;
+
+    /// Starts what the family runs for a whole pod once its namespaces are held (an
+    /// application kernel, say), before any container. The receiver, if any, delivers
+    /// that process's exit, which ends the pod. Families without one keep this default.
+    async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
+        let _ = pod;
+        Ok(None)
+    }
+
+    /// Stops what [`ContainerRuntime::start_pod`] started. Called once the pod's
+    /// containers are killed, possibly more than once, and for pods whose start failed.
+    async fn stop_pod(&self, id: &str) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
 }

@@ -1,4 +1,4 @@
-//! Converts `runc events --stats` output into containerd's cgroup metrics.
+//! Converts `events --stats` output of runc and runsc into containerd's cgroup metrics.
 
 use anyhow::Context;
 use containerd_shim_protos::cgroups::metrics as v1;

@@ -1,4 +1,4 @@
-//! The console socket runc hands a new terminal's master end through.
+//! The console socket an OCI runtime hands a new terminal's master end through.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,16 +26,16 @@ impl ConsoleSocket {
         })
     }
 
-    /// The socket's path, for runc's `--console-socket`.
+    /// The socket's path, for the engine's `--console-socket`.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Waits up to `timeout` for runc to connect and send the pty master.
+    /// Waits up to `timeout` for the engine to connect and send the pty master.
     pub async fn receive(&self, timeout: Duration) -> anyhow::Result<OwnedFd> {
         let (stream, _) = tokio::time::timeout(timeout, self.listener.accept())
             .await
-            .context("runc did not connect to the console socket")?
+            .context("the OCI runtime did not connect to the console socket")?
             .context("accept on the console socket")?;
         let stream = stream.into_std().context("console connection")?;
         stream
@@ -79,5 +79,5 @@ fn receive_fd(socket: i32) -> anyhow::Result<OwnedFd> {
             }
         }
     }
-    bail!("runc sent no terminal descriptor")
+    bail!("the OCI runtime sent no terminal descriptor")
 }

@@ -1,0 +1,226 @@
+//! Pods inside an application kernel: one kernel sandbox per pod, every container of the
+//! pod added to it.
+//!
+//! The engine's multi-container model decides the shape. A pod's sandbox starts with a
+//! root container whose id is the sandbox id and whose only process is this binary's
+//! `pause` command; containerd's containers carry the CRI annotations naming their
+//! sandbox, so the engine adds each to that pod's kernel. The root container's file
+//! system is an empty directory of the sandboxer's own plus the host's library
+//! directories and this binary, read-only: nothing else of the host reaches the kernel.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use kuasar_sandbox::error::{Error, Result};
+use kuasar_sandbox::oci::OciRuntime;
+use kuasar_sandbox::reaper::{self, ExitReceiver};
+use kuasar_sandbox::task::{
+    ContainerRuntime, CreateContainer, ExecProcess, KillTarget, PodContext, Spawned,
+};
+use serde_json::json;
+
+/// Hidden command running the root container's process.
+pub const PAUSE_COMMAND: &str = "pause";
+
+/// Where this binary appears inside the root container.
+const PAUSE_PATH: &str = "/pause";
+
+/// Host directories the pause process needs to load (its shared libraries); each is
+/// bind-mounted read-only, or recreated as the same symlink where the host has one.
+const LIBRARY_DIRS: [&str; 3] = ["/usr", "/lib", "/lib64"];
+
+/// Runs pods in application-kernel sandboxes and their containers inside them.
+pub struct QuarkRuntime {
+    oci: OciRuntime,
+    /// Bundles of the pods' root containers, one directory per sandbox id.
+    pods_dir: PathBuf,
+    /// This binary, the root containers' process.
+    pause_binary: PathBuf,
+}
+
+impl QuarkRuntime {
+    /// Containers run by `oci`; root container bundles under `pods_dir`.
+    pub fn new(oci: OciRuntime, pods_dir: PathBuf) -> anyhow::Result<Self> {
+        let pause_binary = std::env::current_exe().context("locate this binary")?;
+        std::fs::create_dir_all(&pods_dir)
+            .with_context(|| format!("create {}", pods_dir.display()))?;
+        Ok(Self {
+            oci,
+            pods_dir,
+            pause_binary,
+        })
+    }
+
+    /// The root container's bundle of sandbox `id`; ids are validated as path-safe by
+    /// the Sandbox API before they get here.
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.pods_dir.join(id)
+    }
+
+    /// Writes the root container's bundle: `config.json` and an empty `rootfs` with the
+    /// mount points the spec needs.
+    fn write_bundle(&self, pod: &PodContext, bundle: &Path) -> anyhow::Result<()> {
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs).with_context(|| format!("create {}", rootfs.display()))?;
+        let mut mounts = vec![json!({
+            "destination": "/proc",
+            "type": "proc",
+            "source": "proc",
+        })];
+        for dir in LIBRARY_DIRS {
+            let host = Path::new(dir);
+            let inside = rootfs.join(dir.trim_start_matches('/'));
+            match std::fs::read_link(host) {
+                Ok(target) => std::os::unix::fs::symlink(&target, &inside)
+                    .with_context(|| format!("create {}", inside.display()))?,
+                Err(_) if host.is_dir() => {
+                    std::fs::create_dir_all(&inside)
+                        .with_context(|| format!("create {}", inside.display()))?;
+                    mounts.push(json!({
+                        "destination": dir,
+                        "type": "bind",
+                        "source": dir,
+                        "options": ["rbind", "ro", "nosuid", "nodev"],
+                    }));
+                }
+                Err(_) => {}
+            }
+        }
+        let pause = rootfs.join(PAUSE_PATH.trim_start_matches('/'));
+        std::fs::write(&pause, b"").with_context(|| format!("create {}", pause.display()))?;
+        mounts.push(json!({
+            "destination": PAUSE_PATH,
+            "type": "bind",
+            "source": self.pause_binary,
+            "options": ["bind", "ro", "nosuid", "nodev"],
+        }));
+
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        if let Some(netns) = &pod.netns {
+            namespaces.push(json!({"type": "network", "path": netns}));
+        }
+        let mut linux = json!({ "namespaces": namespaces });
+        if let Some(cgroup) = &pod.cgroup_path {
+            linux["cgroupsPath"] = json!(cgroup);
+        }
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "hostname": pod.hostname,
+            "process": {
+                "args": [PAUSE_PATH, PAUSE_COMMAND],
+                "cwd": "/",
+                "env": ["PATH=/usr/bin:/bin"],
+                "user": {"uid": 65534, "gid": 65534},
+                "noNewPrivileges": true,
+            },
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": mounts,
+            "annotations": {
+                "io.kubernetes.cri.container-type": "sandbox",
+                "io.kubernetes.cri.sandbox-id": pod.id,
+            },
+            "linux": linux,
+        });
+        let config = bundle.join("config.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)
+            .with_context(|| format!("write {}", config.display()))
+    }
+
+    fn remove_bundle(&self, id: &str) -> anyhow::Result<()> {
+        let bundle = self.bundle(id);
+        if bundle.parent() != Some(self.pods_dir.as_path()) {
+            anyhow::bail!("refusing to remove {}: not a pod bundle", bundle.display());
+        }
+        match std::fs::remove_dir_all(&bundle) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("remove {}", bundle.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for QuarkRuntime {
+    async fn create(&self, container: &CreateContainer) -> Result<Spawned> {
+        self.oci.create(container).await
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        self.oci.start(id).await
+    }
+
+    async fn exec(&self, process: &ExecProcess) -> Result<Spawned> {
+        self.oci.exec(process).await
+    }
+
+    async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()> {
+        self.oci.kill(id, target, signal).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        self.oci.delete(id).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.oci.pause(id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.oci.resume(id).await
+    }
+
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        self.oci.update(id, resources).await
+    }
+
+    async fn stats(&self, id: &str) -> Result<Any> {
+        self.oci.stats(id).await
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.oci.pids(id).await
+    }
+
+    async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
+        let engine = self.oci.engine();
+        engine
+            .check_binary()
+            .map_err(|err| Error::Internal(err.context("set [quark] binary in the config")))?;
+        let bundle = self.bundle(&pod.id);
+        // A bundle left by a sandboxer that died is stale: the pod is being started anew.
+        self.remove_bundle(&pod.id)?;
+        self.write_bundle(pod, &bundle)
+            .with_context(|| format!("prepare the kernel sandbox of pod {:?}", pod.id))?;
+        let flags = if pod.netns.is_none() {
+            vec!["--network=host".to_string()]
+        } else {
+            Vec::new()
+        };
+        let pid = self.oci.run_detached(&pod.id, &bundle, &flags).await?;
+        tracing::info!(sandbox_id = %pod.id, pid, engine = %engine.name, "application kernel started");
+        Ok(Some(reaper::watch(pid)))
+    }
+
+    async fn stop_pod(&self, id: &str) -> Result<()> {
+        match self.oci.run("delete", id, &["delete", "--force", id]).await {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(err) => return Err(err),
+        }
+        self.remove_bundle(id).map_err(Error::Internal)
+    }
+}
+
+/// The root container's process: sleeps until the kernel ends it.
+pub fn pause() -> ! {
+    loop {
+        nix::unistd::pause();
+    }
+}
