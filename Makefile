@@ -18,9 +18,10 @@ test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-# Start latency and per-pod memory of the sandboxer against containerd's runc shim, then start
-# latency, per-pod memory and start throughput of the wasm sandboxer against the runc sandboxer,
-# on release builds. Arguments go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--iterations 20".
+# Each family against its baseline on one containerd, on release builds: the runc sandboxer
+# against containerd's runc shim, the wasm sandboxer against the runc sandboxer, the quark
+# sandboxer against containerd's runc shim driving runsc. Arguments go through BENCH_ARGS,
+# e.g. make bench BENCH_ARGS="--iterations 20 --only wasm".
 BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BENCH_ARGS ?=
 
@@ -28,6 +29,7 @@ bench: setup
 	$(CARGO) build --release --workspace --bins
 	KUASAR_RUNC_SANDBOXER=$(BENCH_TARGET_DIR)/release/runc-sandboxer \
 	KUASAR_WASM_SANDBOXER=$(BENCH_TARGET_DIR)/release/wasm-sandboxer \
+	KUASAR_QUARK_SANDBOXER=$(BENCH_TARGET_DIR)/release/quark-sandboxer \
 		$(BENCH_TARGET_DIR)/release/kuasar-bench $(BENCH_ARGS)
 
 lint:

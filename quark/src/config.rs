@@ -4,6 +4,9 @@
 //! [quark]
 //! binary = "runsc"        # the kernel's OCI runtime; looked up in PATH unless absolute
 //! platform = "systrap"    # how the kernel intercepts system calls: systrap or ptrace
+//! network = "sandbox"     # "sandbox": the kernel's own network stack on the pod's
+//!                         # interfaces; "host": the host kernel's stack, inside the pod's
+//!                         # network namespace
 //! flags = []              # further global flags, e.g. ["--overlay2=root:memory"]
 //! # root = "/run/kuasar/quark/runsc"   # the runtime's --root; <state_dir>/runsc when unset
 //! ```
@@ -30,8 +33,21 @@ pub struct QuarkSection {
     pub root: Option<PathBuf>,
     /// Its `--platform`.
     pub platform: String,
+    /// Whose network stack serves the pod's network namespace.
+    pub network: Network,
     /// Further global flags given to every invocation.
     pub flags: Vec<String>,
+}
+
+/// Whose network stack serves a pod's network namespace (runsc's `--network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The application kernel's own stack on the namespace's interfaces: the pod's
+    /// network traffic never reaches the host kernel's socket layer.
+    Sandbox,
+    /// The host kernel's stack, used from inside the pod's network namespace.
+    Host,
 }
 
 impl Default for QuarkSection {
@@ -40,6 +56,7 @@ impl Default for QuarkSection {
             binary: "runsc".into(),
             root: None,
             platform: "systrap".into(),
+            network: Network::Sandbox,
             flags: Vec::new(),
         }
     }
@@ -59,6 +76,9 @@ impl QuarkSection {
             anyhow::bail!("[quark] flags entry {flag:?} is not a flag (flags start with --)");
         }
         let mut flags = vec![format!("--platform={platform}")];
+        if self.network == Network::Host {
+            flags.push("--network=host".into());
+        }
         flags.extend(self.flags.iter().cloned());
         Ok(flags)
     }
@@ -78,6 +98,16 @@ mod tests {
             section.global_flags().unwrap(),
             ["--platform=systrap", "--overlay2=root:memory"]
         );
+    }
+
+    #[test]
+    fn host_network_is_a_flag() {
+        let section: QuarkSettings = toml::from_str("[quark]\nnetwork = \"host\"\n").unwrap();
+        assert_eq!(
+            section.quark.global_flags().unwrap(),
+            ["--platform=systrap", "--network=host"]
+        );
+        assert!(toml::from_str::<QuarkSettings>("[quark]\nnetwork = \"none\"\n").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use kuasar_sandbox::error::{Error, Result};
+use kuasar_sandbox::io::Console;
 use kuasar_sandbox::oci::OciRuntime;
 use kuasar_sandbox::reaper::{self, ExitReceiver};
 use kuasar_sandbox::task::{
@@ -153,7 +154,7 @@ impl ContainerRuntime for QuarkRuntime {
         self.oci.create(container).await
     }
 
-    async fn start(&self, id: &str) -> Result<()> {
+    async fn start(&self, id: &str) -> Result<Option<Console>> {
         self.oci.start(id).await
     }
 
@@ -191,9 +192,9 @@ impl ContainerRuntime for QuarkRuntime {
 
     async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
         let engine = self.oci.engine();
-        engine
-            .check_binary()
-            .map_err(|err| Error::Internal(err.context("set [quark] binary in the config")))?;
+        engine.check_binary().map_err(|err| {
+            Error::internal(format!("{err:#} (set [quark] binary in the config)"))
+        })?;
         let bundle = self.bundle(&pod.id);
         // A bundle left by a sandboxer that died is stale: the pod is being started anew.
         self.remove_bundle(&pod.id)?;
@@ -204,17 +205,43 @@ impl ContainerRuntime for QuarkRuntime {
         } else {
             Vec::new()
         };
-        let pid = self.oci.run_detached(&pod.id, &bundle, &flags).await?;
+        let pid = self
+            .oci
+            .run_detached(&pod.id, &bundle, &flags)
+            .await
+            .map_err(explain_root_netns)?;
         tracing::info!(sandbox_id = %pod.id, pid, engine = %engine.name, "application kernel started");
         Ok(Some(reaper::watch(pid)))
     }
 
     async fn stop_pod(&self, id: &str) -> Result<()> {
+        if self.oci.engine().check_binary().is_err() {
+            // Without the binary no kernel was started: only the bundle may be left.
+            return self.remove_bundle(id).map_err(Error::Internal);
+        }
         match self.oci.run("delete", id, &["delete", "--force", id]).await {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(err) => return Err(err),
         }
         self.remove_bundle(id).map_err(Error::Internal)
+    }
+}
+
+/// What runsc says when it believes the pod's network namespace is the host's.
+const ROOT_NETNS_MESSAGE: &str = "cannot run with network enabled in root network namespace";
+
+/// Adds the likely cause to runsc's root-network-namespace refusal: runsc releases before
+/// August 2024 take any namespace for the host's on Linux 6.11 and later.
+fn explain_root_netns(err: Error) -> Error {
+    match err {
+        Error::Internal(cause) if format!("{cause:#}").contains(ROOT_NETNS_MESSAGE) => {
+            Error::Internal(cause.context(
+                "the application kernel refused the pod's network namespace: runsc releases \
+                 before 2024-08 mistake every network namespace for the host's on Linux 6.11 \
+                 and later; use a newer runsc or set [quark] network = \"host\"",
+            ))
+        }
+        other => other,
     }
 }
 

@@ -24,9 +24,16 @@ pub enum Error {
     /// The operation is not supported by this sandbox family.
     #[error("{0} is not supported")]
     Unimplemented(String),
-    /// Anything else, with its chain of causes.
+    /// Anything else. Its message carries the whole chain of causes, so the chain is not
+    /// also offered as a source: wrapped again, it would be printed twice.
     #[error("{0:#}")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(err: anyhow::Error) -> Self {
+        Error::Internal(err)
+    }
 }
 
 impl Error {
@@ -92,6 +99,11 @@ mod tests {
     fn internal_errors_keep_their_causes() {
         let err = Error::from(anyhow::anyhow!("disk full").context("write config"));
         assert_eq!(err.to_string(), "write config: disk full");
+        let wrapped = anyhow::Error::new(err).context("start sandbox \"p\"");
+        assert_eq!(
+            format!("{wrapped:#}"),
+            "start sandbox \"p\": write config: disk full"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use kuasar_sandbox::cgroup::Cgroup;
 use kuasar_sandbox::error::{Error, Result};
-use kuasar_sandbox::io::Stdio;
+use kuasar_sandbox::io::{Console, Stdio};
 use kuasar_sandbox::mount::unmount_all;
 use kuasar_sandbox::reaper;
 use kuasar_sandbox::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Spawned};
@@ -323,7 +323,7 @@ impl ContainerRuntime for WasmRuntime {
         Ok(spawned)
     }
 
-    async fn start(&self, id: &str) -> Result<()> {
+    async fn start(&self, id: &str) -> Result<Option<Console>> {
         let control = self
             .lock()
             .get_mut(id)
@@ -336,7 +336,7 @@ impl ContainerRuntime for WasmRuntime {
         (&control)
             .write_all(&[1])
             .with_context(|| format!("start the module of container {id:?}"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn exec(&self, exec: &ExecProcess) -> Result<Spawned> {

@@ -86,6 +86,15 @@ impl OciEngine {
     }
 }
 
+/// A container created in an application kernel and waiting for its start.
+#[derive(Debug)]
+struct PendingStart {
+    /// Where its exit goes once `<binary> wait` reports it.
+    exit: oneshot::Sender<ExitStatus>,
+    /// Its stdio: the kernel wires a container to the stdio of `start`, not `create`.
+    stdio: Stdio,
+}
+
 /// Runs containers with one [`OciEngine`].
 #[derive(Debug)]
 pub struct OciRuntime {
@@ -93,9 +102,8 @@ pub struct OciRuntime {
     /// Scratch directory for logs, pid files, exec specs and console sockets.
     work_dir: PathBuf,
     next: AtomicU64,
-    /// Exit senders of created containers whose exit `<binary> wait` reports once they
-    /// run ([`Processes::Kernel`] only).
-    pending_exits: Mutex<HashMap<String, oneshot::Sender<ExitStatus>>>,
+    /// Created containers the kernel has not started yet ([`Processes::Kernel`] only).
+    pending_starts: Mutex<HashMap<String, PendingStart>>,
     /// Exec processes by host pid: their container and pid inside the kernel
     /// ([`Processes::Kernel`] only).
     kernel_execs: Mutex<HashMap<u32, (String, u32)>>,
@@ -114,7 +122,7 @@ impl OciRuntime {
             engine,
             work_dir,
             next: AtomicU64::new(0),
-            pending_exits: Mutex::default(),
+            pending_starts: Mutex::default(),
             kernel_execs: Mutex::default(),
         })
     }
@@ -242,16 +250,15 @@ impl OciRuntime {
             .map_err(|_| Error::internal(format!("pid file {} holds {text:?}", path.display())))
     }
 
-    /// Runs `create` or `exec` for a process with `stdio` and returns its host pid (the
-    /// pid file's content) and terminal once the engine has set it up.
-    async fn start_process(
+    /// Runs a subcommand (`create`, `start` or `exec`) that wires a process to `stdio`,
+    /// and returns the process's terminal once the engine has handed it over.
+    async fn run_attached(
         &self,
         what: &str,
         id: &str,
         mut args: Vec<String>,
         stdio: &Stdio,
-        pid_file: &Path,
-    ) -> Result<(u32, Option<crate::io::Console>)> {
+    ) -> Result<Option<crate::io::Console>> {
         let (fds, console_socket) = if stdio.terminal {
             let socket = ConsoleSocket::bind(&self.scratch("console.sock"))
                 .context("create console socket")?;
@@ -270,26 +277,18 @@ impl OciRuntime {
         };
         args.push(id.to_string());
 
-        let console = match console_socket {
-            None => {
-                self.run_with_stdio(what, id, &[], args, fds).await?;
-                None
-            }
-            Some(socket) => {
-                let receive = socket.receive(CONSOLE_TIMEOUT);
-                let (ran, master) =
-                    tokio::join!(self.run_with_stdio(what, id, &[], args, fds), receive);
-                ran?;
-                let master =
-                    master.with_context(|| format!("receive terminal of container {id:?}"))?;
-                Some(
-                    stdio
-                        .attach_console(master)
-                        .with_context(|| format!("attach terminal of container {id:?}"))?,
-                )
-            }
+        let Some(socket) = console_socket else {
+            self.run_with_stdio(what, id, &[], args, fds).await?;
+            return Ok(None);
         };
-        Ok((Self::read_pid(pid_file).await?, console))
+        let receive = socket.receive(CONSOLE_TIMEOUT);
+        let (ran, master) = tokio::join!(self.run_with_stdio(what, id, &[], args, fds), receive);
+        ran?;
+        let master = master.with_context(|| format!("receive terminal of container {id:?}"))?;
+        let console = stdio
+            .attach_console(master)
+            .with_context(|| format!("attach terminal of container {id:?}"))?;
+        Ok(Some(console))
     }
 
     async fn bundle_of(&self, id: &str) -> Option<PathBuf> {
@@ -298,10 +297,8 @@ impl OciRuntime {
         state["bundle"].as_str().map(PathBuf::from)
     }
 
-    fn pending_exits(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<ExitStatus>>> {
-        self.pending_exits
+    fn pending_starts(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingStart>> {
+        self.pending_starts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -426,18 +423,32 @@ impl ContainerRuntime for OciRuntime {
         crate::mount::mount_rootfs(bundle, &container.rootfs).await?;
 
         let pid_file = bundle.join("init.pid");
-        let args = vec![
+        let mut args = vec![
             "create".to_string(),
             "--bundle".into(),
             bundle.display().to_string(),
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
-        let started = self
-            .start_process("create", id, args, &container.stdio, &pid_file)
-            .await;
-        let (pid, console) = match started {
-            Ok(started) => started,
+        let created = match self.engine.processes {
+            Processes::Host => {
+                self.run_attached("create", id, args, &container.stdio)
+                    .await
+            }
+            // The kernel wires the container to the stdio of `start`.
+            Processes::Kernel => {
+                args.push(id.clone());
+                self.run_with_stdio("create", id, &[], args, ProcessFds::default())
+                    .await
+                    .map(|()| None)
+            }
+        };
+        let created = match created {
+            Ok(console) => Self::read_pid(&pid_file).await.map(|pid| (pid, console)),
+            Err(err) => Err(err),
+        };
+        let (pid, console) = match created {
+            Ok(created) => created,
             Err(err) => {
                 let _ = self.run("delete", id, &["delete", "--force", id]).await;
                 let _ = unmount_rootfs(bundle);
@@ -448,7 +459,11 @@ impl ContainerRuntime for OciRuntime {
             Processes::Host => reaper::watch(pid),
             Processes::Kernel => {
                 let (sender, receiver) = oneshot::channel();
-                self.pending_exits().insert(id.clone(), sender);
+                let pending = PendingStart {
+                    exit: sender,
+                    stdio: container.stdio.clone(),
+                };
+                self.pending_starts().insert(id.clone(), pending);
                 receiver
             }
         };
@@ -460,15 +475,22 @@ impl ContainerRuntime for OciRuntime {
         })
     }
 
-    async fn start(&self, id: &str) -> Result<()> {
-        self.run("start", id, &["start", id]).await?;
-        if self.engine.processes == Processes::Kernel {
-            let pending = self.pending_exits().remove(id);
-            if let Some(sender) = pending {
-                self.watch_kernel_exit(id, sender);
-            }
+    async fn start(&self, id: &str) -> Result<Option<crate::io::Console>> {
+        if self.engine.processes == Processes::Host {
+            self.run("start", id, &["start", id]).await?;
+            return Ok(None);
         }
-        Ok(())
+        let pending = self.pending_starts().remove(id);
+        let Some(pending) = pending else {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id:?} is not waiting to start"
+            )));
+        };
+        let console = self
+            .run_attached("start", id, vec!["start".into()], &pending.stdio)
+            .await?;
+        self.watch_kernel_exit(id, pending.exit);
+        Ok(console)
     }
 
     async fn exec(&self, process: &ExecProcess) -> Result<Spawned> {
@@ -494,11 +516,10 @@ impl ContainerRuntime for OciRuntime {
             ]);
         }
         let what = format!("exec {:?}", process.exec_id);
-        let result = self
-            .start_process(&what, id, args, &process.stdio, &pid_file)
-            .await;
+        let result = self.run_attached(&what, id, args, &process.stdio).await;
         let _ = tokio::fs::remove_file(&spec_file).await;
-        let (pid, console) = result?;
+        let console = result?;
+        let pid = Self::read_pid(&pid_file).await?;
         // Registered before anything can reap it: an exit that came first is kept.
         let exit = reaper::watch(pid);
         if self.engine.processes == Processes::Kernel {
@@ -519,10 +540,10 @@ impl ContainerRuntime for OciRuntime {
                 if self.engine.processes == Processes::Kernel {
                     // A container the kernel has not started cannot be signalled; it
                     // ends with its removal.
-                    let pending = self.pending_exits().remove(id);
-                    if let Some(sender) = pending {
+                    let pending = self.pending_starts().remove(id);
+                    if let Some(pending) = pending {
                         self.run("delete", id, &["delete", "--force", id]).await?;
-                        let _ = sender.send(ExitStatus::now(128 + signal as i32));
+                        let _ = pending.exit.send(ExitStatus::now(128 + signal as i32));
                         return Ok(());
                     }
                 }
@@ -562,7 +583,7 @@ impl ContainerRuntime for OciRuntime {
             Err(err) => return Err(err),
         }
         // A container that never ran has no exit to wait for: its removal is its end.
-        self.pending_exits().remove(id);
+        self.pending_starts().remove(id);
         self.kernel_execs()
             .retain(|_, (container, _)| container != id);
         if let Some(bundle) = bundle {

@@ -100,8 +100,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Creates a container whose init process waits to be started.
     async fn create(&self, container: &CreateContainer) -> Result<Spawned>;
 
-    /// Starts the init process of a created container.
-    async fn start(&self, id: &str) -> Result<()>;
+    /// Starts the init process of a created container. Returns its terminal when the
+    /// runtime sets that up only at start (an application kernel adding a container to a
+    /// running sandbox); a terminal from [`ContainerRuntime::create`] stays as it is.
+    async fn start(&self, id: &str) -> Result<Option<Console>>;
 
     /// Starts an additional process in a running container.
     async fn exec(&self, process: &ExecProcess) -> Result<Spawned>;

@@ -413,9 +413,12 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
                 }
                 (container.init.pid, container.namespace.clone())
             };
-            self.runtime.start(&req.id).await?;
+            let console = self.runtime.start(&req.id).await?;
             if let Some(container) = self.lock().get_mut(&req.id) {
                 container.init.state = RunState::Running;
+                if console.is_some() {
+                    container.init.console = console;
+                }
             }
             tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, pid, "container started");
             let mut event = TaskStart::new();
