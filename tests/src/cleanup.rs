@@ -62,6 +62,14 @@ pub fn run_processes(layout: &Layout, exclude: &[u32]) -> Vec<(u32, String)> {
     found
 }
 
+/// Every process of the host, with its command line.
+pub fn host_processes() -> Vec<(u32, String)> {
+    all_pids()
+        .into_iter()
+        .map(|pid| (pid, read_cmdline(pid)))
+        .collect()
+}
+
 /// Processes in the cgroups under the run's cgroup parent, with their command lines.
 pub fn cgroup_processes(layout: &Layout) -> Vec<(u32, String)> {
     let mut pids: Vec<u32> = Vec::new();

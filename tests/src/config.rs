@@ -1,11 +1,11 @@
 //! Files the harness writes before starting its daemons: the containerd configuration, the CNI
-//! network list and the sandboxer configuration.
+//! network list and the sandboxers' configurations.
 
 use std::path::Path;
 
 use crate::harness::{
-    Layout, KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER, RUNC_HANDLER, SANDBOXER_NAME,
-    WASM_SANDBOXER_NAME,
+    Layout, QuarkSettings, KUASAR_QUARK_HANDLER, KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER,
+    QUARK_SANDBOXER_NAME, RUNC_HANDLER, RUNSC_HANDLER, SANDBOXER_NAME, WASM_SANDBOXER_NAME,
 };
 use crate::images::PAUSE_IMAGE;
 
@@ -16,12 +16,15 @@ pub const KUASAR_RUNC_RUNTIME_TYPE: &str = "io.containerd.kuasar-runc.v2";
 /// Runtime type of the wasm sandboxer's handler.
 pub const KUASAR_WASM_RUNTIME_TYPE: &str = "io.containerd.kuasar-wasm.v2";
 
+/// Runtime type of the quark sandboxer's handler.
+pub const KUASAR_QUARK_RUNTIME_TYPE: &str = "io.containerd.kuasar-quark.v2";
+
 /// Directory of the CNI plugin binaries of Debian's containernetworking-plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
 /// A containerd 2.x configuration (version 3) that keeps everything of containerd under the
-/// run directory and serves CRI with two handlers: containerd's own runc shim and the
-/// sandboxer.
+/// run directory and serves CRI with a handler per sandboxer and one on containerd's own runc
+/// shim.
 pub fn containerd_config(layout: &Layout) -> String {
     let s = |p: &Path| quote(&p.to_string_lossy());
     format!(
@@ -82,6 +85,15 @@ BinaryName = "runc"
 Root = {runc_root}
 SystemdCgroup = false
 
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{runsc_handler}]
+runtime_type = "io.containerd.runc.v2"
+sandboxer = "podsandbox"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{runsc_handler}.options]
+BinaryName = {runsc_binary}
+Root = {runsc_root}
+SystemdCgroup = false
+
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{kuasar_handler}]
 runtime_type = {kuasar_type}
 sandboxer = {sandboxer}
@@ -97,6 +109,14 @@ sandboxer = {wasm_sandboxer}
 [proxy_plugins.{wasm_sandboxer}]
 type = "sandbox"
 address = {wasm_socket}
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{quark_handler}]
+runtime_type = {quark_type}
+sandboxer = {quark_sandboxer}
+
+[proxy_plugins.{quark_sandboxer}]
+type = "sandbox"
+address = {quark_socket}
 "#,
         root = s(&layout.containerd_root),
         state = s(&layout.containerd_state),
@@ -110,6 +130,9 @@ address = {wasm_socket}
         cni_conf = s(&layout.cni_conf_dir),
         runc_handler = quote(RUNC_HANDLER),
         runc_root = s(&layout.runc_root),
+        runsc_handler = quote(RUNSC_HANDLER),
+        runsc_binary = s(&layout.runsc_v2_binary),
+        runsc_root = s(&layout.runsc_v2_root),
         kuasar_handler = quote(KUASAR_RUNC_HANDLER),
         kuasar_type = quote(KUASAR_RUNC_RUNTIME_TYPE),
         sandboxer = quote(SANDBOXER_NAME),
@@ -118,6 +141,10 @@ address = {wasm_socket}
         wasm_type = quote(KUASAR_WASM_RUNTIME_TYPE),
         wasm_sandboxer = quote(WASM_SANDBOXER_NAME),
         wasm_socket = s(&layout.wasm_socket),
+        quark_handler = quote(KUASAR_QUARK_HANDLER),
+        quark_type = quote(KUASAR_QUARK_RUNTIME_TYPE),
+        quark_sandboxer = quote(QUARK_SANDBOXER_NAME),
+        quark_socket = s(&layout.quark_socket),
     )
 }
 
@@ -192,6 +219,61 @@ binary = "runc"
     )
 }
 
+/// The quark sandboxer's configuration file, with `settings` as its `[quark]` table and
+/// runsc's state left at its default place, [`Layout::quark_runsc_root`].
+pub fn quark_sandboxer_config(layout: &Layout, settings: &QuarkSettings) -> String {
+    let s = |p: &Path| quote(&p.to_string_lossy());
+    let flags: Vec<String> = settings.flags.iter().map(|f| quote(f)).collect();
+    format!(
+        r#"listen = {listen}
+state_dir = {state_dir}
+log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info"
+
+[containerd]
+address = {address}
+ttrpc_address = {ttrpc_address}
+cri_root_dir = {cri_root}
+cri_state_dir = {cri_state}
+
+[quark]
+binary = {binary}
+platform = {platform}
+network = {network}
+flags = [{flags}]
+"#,
+        listen = s(&layout.quark_socket),
+        state_dir = s(&layout.quark_state),
+        address = s(&layout.containerd_socket),
+        ttrpc_address = s(&layout.containerd_ttrpc_socket),
+        cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
+        cri_state = s(&layout.cri_state_dir()),
+        binary = s(&settings.runsc),
+        platform = quote(&settings.platform),
+        network = quote(&settings.network),
+        flags = flags.join(", "),
+    )
+}
+
+/// A shell script running runsc with the global flags `settings` gives the quark sandboxer,
+/// so that containerd's runc shim drives the same kernel configuration.
+pub fn runsc_wrapper(settings: &QuarkSettings) -> String {
+    let mut flags = vec![
+        format!("--platform={}", settings.platform),
+        format!("--network={}", settings.network),
+    ];
+    flags.extend(settings.flags.iter().cloned());
+    let words: Vec<String> = std::iter::once(settings.runsc.to_string_lossy().into_owned())
+        .chain(flags)
+        .map(|word| shell_quote(&word))
+        .collect();
+    format!("#!/bin/sh\nexec {} \"$@\"\n", words.join(" "))
+}
+
+/// `word` as one single-quoted shell word.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
 /// `value` as a TOML basic string.
 fn quote(value: &str) -> String {
     toml::Value::String(value.to_string()).to_string()
@@ -200,6 +282,17 @@ fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runsc_wrapper_quotes_its_words() {
+        let mut settings = QuarkSettings::with_runsc("/opt/it's here/runsc".into());
+        settings.flags = vec!["--overlay2=root:memory".into()];
+        assert_eq!(
+            runsc_wrapper(&settings),
+            "#!/bin/sh\nexec '/opt/it'\\''s here/runsc' '--platform=systrap' '--network=host' \
+             '--overlay2=root:memory' \"$@\"\n"
+        );
+    }
 
     #[test]
     fn configs_parse_as_toml() {
@@ -212,12 +305,48 @@ mod tests {
             runtimes[KUASAR_RUNC_HANDLER]["sandboxer"].as_str(),
             Some(SANDBOXER_NAME)
         );
+        assert_eq!(
+            runtimes[KUASAR_QUARK_HANDLER]["sandboxer"].as_str(),
+            Some(QUARK_SANDBOXER_NAME)
+        );
+        assert_eq!(
+            containerd["proxy_plugins"][QUARK_SANDBOXER_NAME]["address"].as_str(),
+            Some("/tmp/kuasar-t/7/quark-sandboxer.sock")
+        );
 
         let sandboxer: toml::Table = sandboxer_config(&layout).parse().unwrap();
         assert_eq!(
             sandboxer["listen"].as_str(),
             Some("/tmp/kuasar-t/7/runc-sandboxer.sock")
         );
+
+        let settings = QuarkSettings {
+            runsc: "/opt/runsc dir/runsc".into(),
+            platform: "ptrace".to_string(),
+            network: "sandbox".to_string(),
+            flags: vec![
+                "--overlay2=root:memory".to_string(),
+                "--x=\"y\"".to_string(),
+            ],
+        };
+        let quark: toml::Table = quark_sandboxer_config(&layout, &settings).parse().unwrap();
+        assert_eq!(
+            quark["state_dir"].as_str(),
+            Some("/tmp/kuasar-t/7/quark-sandboxer")
+        );
+        assert_eq!(
+            quark["quark"]["binary"].as_str(),
+            Some("/opt/runsc dir/runsc")
+        );
+        assert_eq!(quark["quark"]["platform"].as_str(), Some("ptrace"));
+        assert_eq!(quark["quark"]["network"].as_str(), Some("sandbox"));
+        let flags: Vec<&str> = quark["quark"]["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        assert_eq!(flags, ["--overlay2=root:memory", "--x=\"y\""]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! One isolated containerd 2.1.9 (and optionally the runc and wasm sandboxers) per test.
+//! One isolated containerd 2.1.9 (and optionally the runc, wasm and quark sandboxers) per test.
 //!
 //! Every [`Harness`] owns a run directory `/tmp/kuasar-t/<id>` holding containerd's root, state,
 //! sockets, configuration and logs, the sandboxer's socket and state, the CNI configuration and
@@ -51,6 +51,22 @@ pub const WASM_SANDBOXER_NAME: &str = "wasm";
 /// Environment variable naming the wasm sandboxer binary to run.
 pub const WASM_SANDBOXER_ENV: &str = "KUASAR_WASM_SANDBOXER";
 
+/// CRI runtime handler served by the quark sandboxer (gVisor's runsc).
+pub const KUASAR_QUARK_HANDLER: &str = "kuasar-quark";
+
+/// Name of the quark sandboxer's proxy plugin in containerd's configuration.
+pub const QUARK_SANDBOXER_NAME: &str = "quark";
+
+/// Environment variable naming the quark sandboxer binary to run.
+pub const QUARK_SANDBOXER_ENV: &str = "KUASAR_QUARK_SANDBOXER";
+
+/// CRI runtime handler of containerd's own runc shim with runsc as its runtime binary (the
+/// way gVisor runs without its own shim): the quark family's baseline.
+pub const RUNSC_HANDLER: &str = "runsc";
+
+/// Environment variable naming the runsc binary the quark sandboxer is given.
+pub const RUNSC_ENV: &str = "KUASAR_RUNSC";
+
 /// Environment variable naming the directory of the containerd binaries.
 pub const CONTAINERD_DIR_ENV: &str = "KUASAR_CONTAINERD_DIR";
 
@@ -83,6 +99,10 @@ pub struct Layout {
     pub containerd_log: PathBuf,
     pub registry_dir: PathBuf,
     pub runc_root: PathBuf,
+    /// runsc's state for [`RUNSC_HANDLER`] pods.
+    pub runsc_v2_root: PathBuf,
+    /// The runtime binary [`RUNSC_HANDLER`] runs: runsc with the harness's global flags.
+    pub runsc_v2_binary: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub ipam_dir: PathBuf,
     pub sandboxer_socket: PathBuf,
@@ -93,6 +113,10 @@ pub struct Layout {
     pub wasm_state: PathBuf,
     pub wasm_config: PathBuf,
     pub wasm_log: PathBuf,
+    pub quark_socket: PathBuf,
+    pub quark_state: PathBuf,
+    pub quark_config: PathBuf,
+    pub quark_log: PathBuf,
     pub pod_log_dir: PathBuf,
     pub images_dir: PathBuf,
     pub owner_file: PathBuf,
@@ -119,6 +143,8 @@ impl Layout {
             containerd_log: at("containerd.log"),
             registry_dir: at("certs.d"),
             runc_root: at("runc"),
+            runsc_v2_root: at("runsc-v2"),
+            runsc_v2_binary: at("runsc-v2.sh"),
             cni_conf_dir: at("cni/net.d"),
             ipam_dir: at("cni/ipam"),
             sandboxer_socket: at("runc-sandboxer.sock"),
@@ -129,6 +155,10 @@ impl Layout {
             wasm_state: at("wasm-sandboxer"),
             wasm_config: at("wasm-sandboxer.toml"),
             wasm_log: at("wasm-sandboxer.log"),
+            quark_socket: at("quark-sandboxer.sock"),
+            quark_state: at("quark-sandboxer"),
+            quark_config: at("quark-sandboxer.toml"),
+            quark_log: at("quark-sandboxer.log"),
             pod_log_dir: at("pods"),
             images_dir: at("images"),
             owner_file: at("owner"),
@@ -147,6 +177,12 @@ impl Layout {
     /// Where CRI mounts the pods' network namespaces.
     pub fn netns_dir(&self) -> PathBuf {
         self.cri_state_dir().join("netns")
+    }
+
+    /// runsc's state of the quark sandboxer's sandboxes: `--root` is left at its default
+    /// inside the sandboxer's state directory.
+    pub fn quark_runsc_root(&self) -> PathBuf {
+        self.quark_state.join("runsc")
     }
 
     /// Task bundles containerd keeps for the containers of namespace `k8s.io`.
@@ -170,6 +206,45 @@ pub struct HarnessOptions {
     pub wasm_image: bool,
     /// The wasm sandboxer binary to run instead of the one [`wasm_sandboxer_binary`] finds.
     pub wasm_sandboxer_binary: Option<PathBuf>,
+    /// Start the quark sandboxer too: pods can run on [`KUASAR_QUARK_HANDLER`].
+    pub quark_sandboxer: bool,
+    /// The `[quark]` settings to give the quark sandboxer instead of
+    /// [`QuarkSettings::for_host`]'s.
+    pub quark_sandboxer_config: Option<QuarkSettings>,
+}
+
+/// The quark sandboxer's own settings, its `[quark]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarkSettings {
+    /// The runsc binary.
+    pub runsc: PathBuf,
+    /// runsc's `--platform`.
+    pub platform: String,
+    /// Whose network stack serves the pods' network namespaces: `sandbox` (gVisor's own) or
+    /// `host` (the host kernel's, inside the pod's network namespace).
+    pub network: String,
+    /// Further runsc global flags.
+    pub flags: Vec<String>,
+}
+
+impl QuarkSettings {
+    /// The runsc that [`runsc_binary`] finds, as [`QuarkSettings::with_runsc`] runs it.
+    pub fn for_host() -> Result<Self> {
+        Ok(Self::with_runsc(runsc_binary()?))
+    }
+
+    /// Runs `runsc` on the `systrap` platform and the `host` network stack, with no further
+    /// flags. runsc 20240729 cannot use its own stack on Linux 6.11 and later: it takes every
+    /// network namespace for the host's ("cannot run with network enabled in root network
+    /// namespace").
+    pub fn with_runsc(runsc: PathBuf) -> Self {
+        Self {
+            runsc,
+            platform: "systrap".to_string(),
+            network: "host".to_string(),
+            flags: Vec::new(),
+        }
+    }
 }
 
 /// A pod the harness ran: its id and the configuration it was run with.
@@ -188,6 +263,7 @@ pub struct Leftovers {
     pub cgroups: Vec<PathBuf>,
     pub task_bundles: Vec<PathBuf>,
     pub runc_state: Vec<PathBuf>,
+    pub runsc_state: Vec<PathBuf>,
     pub sandboxer_state: Vec<PathBuf>,
     pub cni: Vec<PathBuf>,
     pub bridge: Option<String>,
@@ -217,6 +293,7 @@ impl std::fmt::Display for Leftovers {
             ("cgroups", paths(&self.cgroups)),
             ("task bundles", paths(&self.task_bundles)),
             ("runc state", paths(&self.runc_state)),
+            ("runsc state", paths(&self.runsc_state)),
             ("sandboxer state", paths(&self.sandboxer_state)),
             ("CNI state", paths(&self.cni)),
             ("bridge", self.bridge.iter().cloned().collect()),
@@ -238,6 +315,7 @@ pub struct Harness {
     containerd: Option<Daemon>,
     sandboxer: Option<Daemon>,
     wasm_sandboxer: Option<Daemon>,
+    quark_sandboxer: Option<Daemon>,
     cri: Option<CriClient>,
     pods: AtomicU32,
     torn_down: bool,
@@ -267,6 +345,15 @@ impl Harness {
         .await
     }
 
+    /// Starts the quark sandboxer and containerd: pods can run on [`KUASAR_QUARK_HANDLER`].
+    pub async fn start_with_quark_sandboxer() -> Result<Self> {
+        Self::start_with(HarnessOptions {
+            quark_sandboxer: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Starts what `options` asks for and waits until CRI reports runtime and network ready.
     pub async fn start_with(options: HarnessOptions) -> Result<Self> {
         let layout = allocate_run()?;
@@ -275,6 +362,7 @@ impl Harness {
             containerd: None,
             sandboxer: None,
             wasm_sandboxer: None,
+            quark_sandboxer: None,
             cri: None,
             pods: AtomicU32::new(0),
             torn_down: false,
@@ -336,6 +424,11 @@ impl Harness {
     /// PID of the wasm sandboxer, when the harness runs one.
     pub fn wasm_sandboxer_pid(&self) -> Option<u32> {
         self.wasm_sandboxer.as_ref().map(Daemon::pid)
+    }
+
+    /// PID of the quark sandboxer, when the harness runs one.
+    pub fn quark_sandboxer_pid(&self) -> Option<u32> {
+        self.quark_sandboxer.as_ref().map(Daemon::pid)
     }
 
     /// A pod configuration with a unique uid, hostname `name`, a log directory in the run
@@ -432,6 +525,7 @@ impl Harness {
             .into_iter()
             .chain(self.sandboxer_pid())
             .chain(self.wasm_sandboxer_pid())
+            .chain(self.quark_sandboxer_pid())
             .collect();
         let mut left = leftovers_of(&self.layout, &daemons)?;
         left.bridge = None;
@@ -444,6 +538,7 @@ impl Harness {
             ("containerd", &self.layout.containerd_log),
             ("runc-sandboxer", &self.layout.sandboxer_log),
             ("wasm-sandboxer", &self.layout.wasm_log),
+            ("quark-sandboxer", &self.layout.quark_log),
         ] {
             if let Ok(tail) = log_tail(path, LOG_TAIL_LINES) {
                 eprintln!(
@@ -468,10 +563,12 @@ impl Harness {
             &layout.containerd_opt,
             &layout.registry_dir,
             &layout.runc_root,
+            &layout.runsc_v2_root,
             &layout.cni_conf_dir,
             &layout.ipam_dir,
             &layout.sandboxer_state,
             &layout.wasm_state,
+            &layout.quark_state,
             &layout.pod_log_dir,
             &layout.images_dir,
         ] {
@@ -481,6 +578,19 @@ impl Harness {
             &layout.containerd_config,
             &config::containerd_config(&layout),
         )?;
+        if let Ok(settings) = QuarkSettings::for_host() {
+            write_file(&layout.runsc_v2_binary, &config::runsc_wrapper(&settings))?;
+            fs::set_permissions(
+                &layout.runsc_v2_binary,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot make {} executable",
+                    layout.runsc_v2_binary.display()
+                )
+            })?;
+        }
         write_file(
             &layout.cni_conf_dir.join("10-kuasar-test.conflist"),
             &config::cni_conflist(&layout),
@@ -528,6 +638,21 @@ impl Harness {
             self.wasm_sandboxer = Some(daemon);
         }
 
+        if options.quark_sandboxer {
+            let settings = match &options.quark_sandboxer_config {
+                Some(settings) => settings.clone(),
+                None => QuarkSettings::for_host()?,
+            };
+            write_file(
+                &layout.quark_config,
+                &config::quark_sandboxer_config(&layout, &settings),
+            )?;
+            let mut command = Command::new(quark_sandboxer_binary()?);
+            command.arg("--config").arg(&layout.quark_config);
+            let daemon = Daemon::spawn("quark-sandboxer", command, &layout.quark_log, &path_env)?;
+            self.quark_sandboxer = Some(daemon);
+        }
+
         let mut command = Command::new(bin_dir.join("containerd"));
         command.arg("--config").arg(&layout.containerd_config);
         self.containerd = Some(Daemon::spawn(
@@ -542,6 +667,9 @@ impl Harness {
         }
         if let Some(sandboxer) = self.wasm_sandboxer.as_mut() {
             wait_for_socket(sandboxer, &layout.wasm_socket)?;
+        }
+        if let Some(sandboxer) = self.quark_sandboxer.as_mut() {
+            wait_for_socket(sandboxer, &layout.quark_socket)?;
         }
         let containerd = self
             .containerd
@@ -593,6 +721,7 @@ impl Harness {
             self.containerd.as_mut(),
             self.sandboxer.as_mut(),
             self.wasm_sandboxer.as_mut(),
+            self.quark_sandboxer.as_mut(),
         ]
         .into_iter()
         .flatten()
@@ -662,6 +791,10 @@ pub fn leftovers_of(layout: &Layout, daemons: &[u32]) -> Result<Leftovers> {
         cgroups: top_level,
         task_bundles: cleanup::list_dir(&layout.task_bundle_dir()),
         runc_state: cleanup::list_dir(&layout.runc_root.join("k8s.io")),
+        runsc_state: files_below(&layout.quark_runsc_root())
+            .into_iter()
+            .chain(files_below(&layout.runsc_v2_root))
+            .collect(),
         sandboxer_state: files_below(&layout.sandboxer_state)
             .into_iter()
             // The wasm sandboxer's compiled modules are a cache that outlives pods.
@@ -669,6 +802,11 @@ pub fn leftovers_of(layout: &Layout, daemons: &[u32]) -> Result<Leftovers> {
                 files_below(&layout.wasm_state)
                     .into_iter()
                     .filter(|f| !f.starts_with(layout.wasm_state.join("modules"))),
+            )
+            .chain(
+                files_below(&layout.quark_state)
+                    .into_iter()
+                    .filter(|f| !f.starts_with(layout.quark_runsc_root())),
             )
             .collect(),
         cni,
@@ -745,6 +883,25 @@ pub fn sandboxer_binary() -> Result<PathBuf> {
 /// The wasm sandboxer binary, found by [`family_binary`] with [`WASM_SANDBOXER_ENV`].
 pub fn wasm_sandboxer_binary() -> Result<PathBuf> {
     family_binary("wasm-sandboxer", WASM_SANDBOXER_ENV)
+}
+
+/// The quark sandboxer binary, found by [`family_binary`] with [`QUARK_SANDBOXER_ENV`].
+pub fn quark_sandboxer_binary() -> Result<PathBuf> {
+    family_binary("quark-sandboxer", QUARK_SANDBOXER_ENV)
+}
+
+/// The runsc binary unpacked by `scripts/setup.sh`, or the one named by [`RUNSC_ENV`].
+pub fn runsc_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os(RUNSC_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => workspace_dir().join(".cache/runsc-20240729/usr/bin/runsc"),
+    };
+    ensure!(
+        path.is_file(),
+        "no runsc at {} (run scripts/setup.sh or set {RUNSC_ENV})",
+        path.display()
+    );
+    Ok(path)
 }
 
 fn workspace_dir() -> PathBuf {

@@ -102,6 +102,8 @@ pub struct OciRuntime {
     /// Scratch directory for logs, pid files, exec specs and console sockets.
     work_dir: PathBuf,
     next: AtomicU64,
+    /// Bundle directories of the containers created, whose rootfs mounts delete undoes.
+    bundles: Mutex<HashMap<String, PathBuf>>,
     /// Created containers the kernel has not started yet ([`Processes::Kernel`] only).
     pending_starts: Mutex<HashMap<String, PendingStart>>,
     /// Exec processes by host pid: their container and pid inside the kernel
@@ -122,6 +124,7 @@ impl OciRuntime {
             engine,
             work_dir,
             next: AtomicU64::new(0),
+            bundles: Mutex::default(),
             pending_starts: Mutex::default(),
             kernel_execs: Mutex::default(),
         })
@@ -291,10 +294,10 @@ impl OciRuntime {
         Ok(Some(console))
     }
 
-    async fn bundle_of(&self, id: &str) -> Option<PathBuf> {
-        let output = self.run("state", id, &["state", id]).await.ok()?;
-        let state: serde_json::Value = serde_json::from_slice(&output).ok()?;
-        state["bundle"].as_str().map(PathBuf::from)
+    fn bundles(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathBuf>> {
+        self.bundles
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn pending_starts(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingStart>> {
@@ -455,6 +458,7 @@ impl ContainerRuntime for OciRuntime {
                 return Err(err);
             }
         };
+        self.bundles().insert(id.clone(), bundle.clone());
         let exit = match self.engine.processes {
             Processes::Host => reaper::watch(pid),
             Processes::Kernel => {
@@ -486,11 +490,25 @@ impl ContainerRuntime for OciRuntime {
                 "container {id:?} is not waiting to start"
             )));
         };
-        let console = self
+        match self
             .run_attached("start", id, vec!["start".into()], &pending.stdio)
-            .await?;
-        self.watch_kernel_exit(id, pending.exit);
-        Ok(console)
+            .await
+        {
+            Ok(console) => {
+                self.watch_kernel_exit(id, pending.exit);
+                Ok(console)
+            }
+            Err(err) => {
+                // A container that failed to start is over: out of the kernel at once (a
+                // half-started container can upset the next one the kernel adds), and its
+                // exit recorded, so that signals to it are answered as for any exited one.
+                if let Err(delete) = self.run("delete", id, &["delete", "--force", id]).await {
+                    tracing::warn!(container_id = %id, error = %delete, "cannot remove a container that failed to start");
+                }
+                let _ = pending.exit.send(ExitStatus::now(UNKNOWN_EXIT));
+                Err(err)
+            }
+        }
     }
 
     async fn exec(&self, process: &ExecProcess) -> Result<Spawned> {
@@ -577,7 +595,6 @@ impl ContainerRuntime for OciRuntime {
     }
 
     async fn delete(&self, id: &str) -> Result<()> {
-        let bundle = self.bundle_of(id).await;
         match self.run("delete", id, &["delete", "--force", id]).await {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(err) => return Err(err),
@@ -586,8 +603,10 @@ impl ContainerRuntime for OciRuntime {
         self.pending_starts().remove(id);
         self.kernel_execs()
             .retain(|_, (container, _)| container != id);
+        let bundle = self.bundles().get(id).cloned();
         if let Some(bundle) = bundle {
             unmount_rootfs(&bundle)?;
+            self.bundles().remove(id);
         }
         Ok(())
     }
