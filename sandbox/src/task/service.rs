@@ -1,6 +1,6 @@
 //! The ttrpc Task service of one sandbox and the server it runs on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,8 +43,24 @@ pub struct TaskService<R> {
     runtime: Arc<R>,
     events: EventPublisher,
     containers: Arc<Mutex<HashMap<String, Container>>>,
-    /// Serialises creation and deletion, so an id is never created twice at once.
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Ids whose creation or deletion is under way: one at a time per id, while different
+    /// containers are created and deleted concurrently.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Holds an id in [`TaskService::busy`] until dropped.
+struct Busy {
+    ids: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.id);
+    }
 }
 
 struct Container {
@@ -101,7 +117,7 @@ impl<R: ContainerRuntime> TaskService<R> {
             runtime,
             events,
             containers: Default::default(),
-            lifecycle: Default::default(),
+            busy: Default::default(),
         }
     }
 
@@ -150,6 +166,19 @@ impl<R: ContainerRuntime> TaskService<R> {
         self.containers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks `id` as being created or deleted, unless it is already; taken while the
+    /// container table is locked, so that the two agree.
+    fn claim(&self, id: &str) -> Option<Busy> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        busy.insert(id.to_string()).then(|| Busy {
+            ids: self.busy.clone(),
+            id: id.to_string(),
+        })
     }
 
     fn exit_of(&self, id: &str) -> Option<ExitStatus> {
@@ -236,15 +265,18 @@ impl<R: ContainerRuntime> TaskService<R> {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(u32, ExitStatus, String)> {
-        let _guard = self.lifecycle.lock().await;
-        let (pid, mut exit, namespace, stdin) = {
+        let (pid, mut exit, namespace, stdin, _busy) = {
             let containers = self.lock();
             let container = containers.get(id).ok_or_else(|| container_not_found(id))?;
+            let busy = self.claim(id).ok_or_else(|| {
+                Error::FailedPrecondition(format!("container {id:?} is being deleted"))
+            })?;
             (
                 container.init.pid,
                 container.init.exit.clone(),
                 container.namespace.clone(),
                 container.init.stdio.stdin.clone(),
+                busy,
             )
         };
         self.runtime.delete(id).await?;
@@ -336,10 +368,13 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             );
         }
         let namespace = namespace(ctx);
-        let _guard = self.lifecycle.lock().await;
-        if self.lock().contains_key(&req.id) {
-            return Err(Error::AlreadyExists(format!("container {:?}", req.id)).into());
-        }
+        let _busy = {
+            let containers = self.lock();
+            match self.claim(&req.id) {
+                Some(busy) if !containers.contains_key(&req.id) => busy,
+                _ => return Err(Error::AlreadyExists(format!("container {:?}", req.id)).into()),
+            }
+        };
 
         let stdio = Stdio {
             stdin: req.stdin.clone(),
