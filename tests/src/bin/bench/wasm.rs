@@ -445,13 +445,49 @@ pub(crate) fn print_memory(results: &[Vec<FamilyMemory>; 2], options: &Options) 
 /// Creates and starts `count` containers of `family` in `pod` at once; returns the seconds
 /// from the first CreateContainer to the last StartContainer returning. The containers are
 /// checked to exit with code 0 and removed afterwards (not timed).
+/// One burst: its duration, and the CPU time containerd and the family's sandboxer (with
+/// the children it reaped: workers, runc, container processes) spent on it.
+#[derive(Debug, Clone, Copy)]
+struct Burst {
+    secs: f64,
+    containerd_cpu_ms: f64,
+    sandboxer_cpu_ms: f64,
+}
+
+/// CPU time, in milliseconds, that process `pid` and the children it waited for have used.
+fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14,
+    // stime 15, cutime 16, cstime 17.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..15)
+        .with_context(|| format!("short /proc/{pid}/stat"))?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks * 1000.0 / per_second)
+}
+
 async fn burst_once(
     h: &Harness,
     family: Family,
     pod: &Pod,
     count: usize,
     round: usize,
-) -> Result<f64> {
+) -> Result<Burst> {
+    let containerd = h
+        .containerd_pid()
+        .context("the harness runs no containerd")?;
+    let sandboxer = family.sandboxer_pid(h)?;
+    let cpu_before = (cpu_ms(containerd)?, cpu_ms(sandboxer)?);
     let mut tasks = tokio::task::JoinSet::new();
     let began = Instant::now();
     for index in 0..count {
@@ -495,6 +531,7 @@ async fn burst_once(
             checked = checked.and(Err(e));
         }
     }
+    let cpu_after = (cpu_ms(containerd)?, cpu_ms(sandboxer)?);
     let mut removal = Ok(());
     for id in &ids {
         if let Err(e) = h.cri().remove_container(id).await {
@@ -511,13 +548,28 @@ async fn burst_once(
         "containers left in pod {} after a burst",
         pod.id
     );
-    Ok(elapsed.as_secs_f64())
+    Ok(Burst {
+        secs: elapsed.as_secs_f64(),
+        containerd_cpu_ms: (cpu_after.0 - cpu_before.0) / count as f64,
+        sandboxer_cpu_ms: (cpu_after.1 - cpu_before.1) / count as f64,
+    })
 }
 
-/// Containers started per second in each round, per family in [`Family::index`] order.
-pub(crate) async fn measure_throughput(h: &Harness, options: &Options) -> Result<[Vec<f64>; 2]> {
+/// Per family in [`Family::index`] order: containers started per second, and CPU
+/// milliseconds per container of containerd and of the sandboxer, in each round.
+#[derive(Debug, Default)]
+pub(crate) struct ThroughputResults {
+    rates: [Vec<f64>; 2],
+    containerd_cpu_ms: [Vec<f64>; 2],
+    sandboxer_cpu_ms: [Vec<f64>; 2],
+}
+
+pub(crate) async fn measure_throughput(
+    h: &Harness,
+    options: &Options,
+) -> Result<ThroughputResults> {
     let mut pods = Vec::new();
-    let result: Result<[Vec<f64>; 2]> = async {
+    let result: Result<ThroughputResults> = async {
         for family in [Family::Wasm, Family::Runc] {
             let pod = h
                 .run_pod(&format!("burst-{}", family.tag()), family.cri_name())
@@ -529,24 +581,30 @@ pub(crate) async fn measure_throughput(h: &Harness, options: &Options) -> Result
             h.cri().wait_container_exited(&id, EXIT_TIMEOUT).await?;
             h.cri().remove_container(&id).await?;
         }
-        let mut rates: [Vec<f64>; 2] = Default::default();
+        let mut results = ThroughputResults::default();
         for round in 0..options.rounds {
             for family in Family::order(round) {
                 let pod = &pods[family.index()];
-                let secs = burst_once(h, family, pod, options.burst, round).await?;
-                let rate = options.burst as f64 / secs;
+                let burst = burst_once(h, family, pod, options.burst, round).await?;
+                let rate = options.burst as f64 / burst.secs;
                 eprintln!(
-                    "throughput {}/{}: {:<12} {} containers in {:.1} ms, {rate:.1}/s",
+                    "throughput {}/{}: {:<12} {} containers in {:.1} ms, {rate:.1}/s (CPU ms per \
+                     container: containerd {:.1}, sandboxer {:.1})",
                     round + 1,
                     options.rounds,
                     family.label(),
                     options.burst,
-                    secs * 1000.0
+                    burst.secs * 1000.0,
+                    burst.containerd_cpu_ms,
+                    burst.sandboxer_cpu_ms,
                 );
-                rates[family.index()].push(rate);
+                let i = family.index();
+                results.rates[i].push(rate);
+                results.containerd_cpu_ms[i].push(burst.containerd_cpu_ms);
+                results.sandboxer_cpu_ms[i].push(burst.sandboxer_cpu_ms);
             }
         }
-        Ok(rates)
+        Ok(results)
     }
     .await;
     let mut removal = Ok(());
@@ -555,12 +613,13 @@ pub(crate) async fn measure_throughput(h: &Harness, options: &Options) -> Result
             removal = removal.and(Err(e));
         }
     }
-    let rates = result?;
+    let results = result?;
     removal?;
-    Ok(rates)
+    Ok(results)
 }
 
-pub(crate) fn print_throughput(rates: &[Vec<f64>; 2], options: &Options) {
+pub(crate) fn print_throughput(results: &ThroughputResults, options: &Options) {
+    let rates = &results.rates;
     println!(
         "container start throughput, {} containers created and started at once in one running \
          pod, {} rounds (medians; wasm /exit.wasm 0, kuasar-runc busybox true)",
@@ -569,11 +628,15 @@ pub(crate) fn print_throughput(rates: &[Vec<f64>; 2], options: &Options) {
     for family in [Family::Wasm, Family::Runc] {
         let values = &rates[family.index()];
         let (min, max) = min_max(values);
+        let i = family.index();
         println!(
-            "  {:<13}  {:7.1} containers/s  (min {min:.1}, max {max:.1}; {:.1} ms per burst)",
+            "  {:<13}  {:7.1} containers/s  (min {min:.1}, max {max:.1}; {:.1} ms per burst; CPU \
+             ms per container: containerd {:.1}, sandboxer with its children {:.1})",
             family.label(),
             median(values),
             options.burst as f64 / median(values) * 1000.0,
+            median(&results.containerd_cpu_ms[i]),
+            median(&results.sandboxer_cpu_ms[i]),
         );
     }
     let wasm = median(&rates[Family::Wasm.index()]);
@@ -593,6 +656,13 @@ pub(crate) fn print_throughput(rates: &[Vec<f64>; 2], options: &Options) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let spent = cpu_ms(std::process::id()).unwrap();
+        assert!(spent >= 0.0, "{spent}");
+        assert!(cpu_ms(u32::MAX).is_err());
+    }
 
     #[test]
     fn wasm_starts_rotate() {
