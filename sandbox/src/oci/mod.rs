@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio as ProcessStdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -108,7 +108,7 @@ pub struct OciRuntime {
     pending_starts: Mutex<HashMap<String, PendingStart>>,
     /// Exec processes by host pid: their container and pid inside the kernel
     /// ([`Processes::Kernel`] only).
-    kernel_execs: Mutex<HashMap<u32, (String, u32)>>,
+    kernel_execs: Arc<Mutex<HashMap<u32, (String, u32)>>>,
 }
 
 impl OciRuntime {
@@ -126,7 +126,7 @@ impl OciRuntime {
             next: AtomicU64::new(0),
             bundles: Mutex::default(),
             pending_starts: Mutex::default(),
-            kernel_execs: Mutex::default(),
+            kernel_execs: Arc::default(),
         })
     }
 
@@ -539,10 +539,25 @@ impl ContainerRuntime for OciRuntime {
         let console = result?;
         let pid = Self::read_pid(&pid_file).await?;
         // Registered before anything can reap it: an exit that came first is kept.
-        let exit = reaper::watch(pid);
+        let mut exit = reaper::watch(pid);
         if self.engine.processes == Processes::Kernel {
             let internal = Self::read_pid(&internal_pid_file).await?;
             self.kernel_execs().insert(pid, (id.clone(), internal));
+            // The exec's entry goes with its exit, so that probes exec'd every few seconds
+            // into a long-running container do not pile up.
+            let (forward, forwarded) = oneshot::channel();
+            let execs = self.kernel_execs.clone();
+            let reaped = std::mem::replace(&mut exit, forwarded);
+            tokio::spawn(async move {
+                let status = reaped.await;
+                execs
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .remove(&pid);
+                if let Ok(status) = status {
+                    let _ = forward.send(status);
+                }
+            });
         }
         Ok(Spawned {
             pid,
