@@ -98,8 +98,14 @@ impl QuarkRuntime {
             "options": ["bind", "ro", "nosuid", "nodev"],
         }));
 
+        // The kernel puts a container into an existing PID namespace when the path in its
+        // spec is that of a container already there. containerd gives the containers of a
+        // pod with a pod-wide PID namespace the holder's; the root container claims it, so
+        // they join the root's namespace, with the pause process as its PID 1, not the
+        // first container's.
+        let pid_namespace = format!("/proc/{}/ns/pid", pod.holder_pid);
         let mut namespaces = vec![
-            json!({"type": "pid"}),
+            json!({"type": "pid", "path": pid_namespace}),
             json!({"type": "ipc"}),
             json!({"type": "uts"}),
             json!({"type": "mount"}),
@@ -132,6 +138,28 @@ impl QuarkRuntime {
         let config = bundle.join("config.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)
             .with_context(|| format!("write {}", config.display()))
+    }
+
+    /// Removes state files runsc left of the containers of sandbox `id` once the sandbox
+    /// is deleted: deletes of two containers of one sandbox that overlap can leave the
+    /// first one's lock file re-created by the second.
+    fn remove_stale_state(&self, id: &str) {
+        let root = &self.oci.engine().root;
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        let marker = format!("_sandbox:{id}.");
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = name.contains(&marker)
+                && (name.ends_with(".lock") || name.ends_with(".state"))
+                && entry.file_type().is_ok_and(|t| t.is_file());
+            if stale {
+                tracing::debug!(sandbox_id = %id, file = %name, "removing stale runsc state");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn remove_bundle(&self, id: &str) -> anyhow::Result<()> {
@@ -219,11 +247,17 @@ impl ContainerRuntime for QuarkRuntime {
             // Without the binary no kernel was started: only the bundle may be left.
             return self.remove_bundle(id).map_err(Error::Internal);
         }
-        match self.oci.run("delete", id, &["delete", "--force", id]).await {
-            Ok(_) | Err(Error::NotFound(_)) => {}
-            Err(err) => return Err(err),
-        }
-        self.remove_bundle(id).map_err(Error::Internal)
+        let deleted = match self.oci.run("delete", id, &["delete", "--force", id]).await {
+            Ok(_) | Err(Error::NotFound(_)) => {
+                self.remove_stale_state(id);
+                Ok(())
+            }
+            Err(err) => Err(err),
+        };
+        // The bundle goes whatever the engine said: a kernel that never started leaves
+        // nothing else, and a retried pod gets a new id.
+        self.remove_bundle(id).map_err(Error::Internal)?;
+        deleted
     }
 }
 

@@ -35,6 +35,9 @@ use crate::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Sp
 /// How long the engine gets to hand over a terminal.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long to wait before waiting again for a container whose waiter failed.
+const REWAIT_DELAY: Duration = Duration::from_millis(200);
+
 /// Exit code reported for a container whose exit the engine could not tell.
 const UNKNOWN_EXIT: i32 = 255;
 
@@ -95,13 +98,114 @@ struct PendingStart {
     stdio: Stdio,
 }
 
-/// Runs containers with one [`OciEngine`].
+/// Runs the engine's binary: what the runtime and its background tasks (exit watchers)
+/// share.
 #[derive(Debug)]
-pub struct OciRuntime {
+struct Driver {
     engine: OciEngine,
     /// Scratch directory for logs, pid files, exec specs and console sockets.
     work_dir: PathBuf,
     next: AtomicU64,
+}
+
+impl Driver {
+    fn scratch(&self, name: &str) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.work_dir.join(format!("{n}-{name}"))
+    }
+
+    fn command(&self, log: &Path, flags: &[String]) -> Command {
+        let mut command = Command::new(&self.engine.binary);
+        command
+            .arg("--root")
+            .arg(&self.engine.root)
+            .arg("--log")
+            .arg(log)
+            .args(["--log-format", "json"])
+            .args(&self.engine.flags)
+            .args(flags);
+        command
+    }
+
+    async fn run_with_flags(
+        &self,
+        what: &str,
+        id: &str,
+        flags: &[String],
+        args: &[&str],
+    ) -> Result<Vec<u8>> {
+        let log = self.scratch("engine.log");
+        let mut command = self.command(&log, flags);
+        command.args(args).stdin(ProcessStdio::null());
+        let output = reaper::output(&mut command)
+            .await
+            .map_err(|err| self.spawn_error(err))?;
+        let message = engine_error(&log, &output.stderr);
+        let _ = std::fs::remove_file(&log);
+        if output.status.code != 0 {
+            return Err(classify(&self.engine.name, what, id, message));
+        }
+        Ok(output.stdout)
+    }
+
+    async fn run(&self, what: &str, id: &str, args: &[&str]) -> Result<Vec<u8>> {
+        self.run_with_flags(what, id, &[], args).await
+    }
+
+    fn spawn_error(&self, err: std::io::Error) -> Error {
+        Error::Internal(
+            anyhow::Error::new(err).context(format!("run {}", self.engine.binary.display())),
+        )
+    }
+
+    /// The state the engine reports for container `id` (`created`, `running`, `paused`,
+    /// `stopped`); `None` when it does not know the container or cannot say.
+    async fn status(&self, id: &str) -> Option<String> {
+        let output = self.run("state", id, &["state", id]).await.ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&output).ok()?;
+        state["status"].as_str().map(str::to_string)
+    }
+
+    /// Reports the exit of container `id`, which runs in the engine's kernel, to `sender`:
+    /// `<binary> wait <id>` until the engine tells an exit status. A waiter that ends
+    /// without one (killed, say) while the kernel still runs the container is replaced.
+    async fn watch_kernel_exit(self: Arc<Self>, id: String, sender: oneshot::Sender<ExitStatus>) {
+        let name = &self.engine.name;
+        loop {
+            let log = self.scratch("wait.log");
+            let mut command = self.command(&log, &[]);
+            command.args(["wait", &id]).stdin(ProcessStdio::null());
+            let message = match reaper::output(&mut command).await {
+                Ok(output) => match wait_status(&output.stdout) {
+                    Some(code) => {
+                        let _ = std::fs::remove_file(&log);
+                        let _ = sender.send(ExitStatus::now(code));
+                        return;
+                    }
+                    None => engine_error(&log, &output.stderr),
+                },
+                Err(err) => err.to_string(),
+            };
+            let _ = std::fs::remove_file(&log);
+            match self.status(&id).await.as_deref() {
+                Some("running" | "paused") if !sender.is_closed() => {
+                    tracing::warn!(container_id = %id, engine = %name, error = %message, "waiting for the container failed; waiting again");
+                    tokio::time::sleep(REWAIT_DELAY).await;
+                }
+                _ => {
+                    tracing::warn!(container_id = %id, engine = %name, error = %message, "container exit unknown");
+                    let _ = sender.send(ExitStatus::now(UNKNOWN_EXIT));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs containers with one [`OciEngine`].
+#[derive(Debug)]
+pub struct OciRuntime {
+    driver: Arc<Driver>,
     /// Bundle directories of the containers created, whose rootfs mounts delete undoes.
     bundles: Mutex<HashMap<String, PathBuf>>,
     /// Created containers the kernel has not started yet ([`Processes::Kernel`] only).
@@ -121,9 +225,11 @@ impl OciRuntime {
         std::fs::create_dir_all(&work_dir)
             .with_context(|| format!("create {}", work_dir.display()))?;
         Ok(Self {
-            engine,
-            work_dir,
-            next: AtomicU64::new(0),
+            driver: Arc::new(Driver {
+                engine,
+                work_dir,
+                next: AtomicU64::new(0),
+            }),
             bundles: Mutex::default(),
             pending_starts: Mutex::default(),
             kernel_execs: Arc::default(),
@@ -132,31 +238,21 @@ impl OciRuntime {
 
     /// The engine this runtime drives.
     pub fn engine(&self) -> &OciEngine {
-        &self.engine
+        &self.driver.engine
     }
 
     /// A fresh path in the scratch directory ending in `name`.
     pub fn scratch(&self, name: &str) -> PathBuf {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.work_dir.join(format!("{n}-{name}"))
+        self.driver.scratch(name)
     }
 
     fn command(&self, log: &Path, flags: &[String]) -> Command {
-        let mut command = Command::new(&self.engine.binary);
-        command
-            .arg("--root")
-            .arg(&self.engine.root)
-            .arg("--log")
-            .arg(log)
-            .args(["--log-format", "json"])
-            .args(&self.engine.flags)
-            .args(flags);
-        command
+        self.driver.command(log, flags)
     }
 
     /// Runs a subcommand that does not touch container stdio and returns its stdout.
     pub async fn run(&self, what: &str, id: &str, args: &[&str]) -> Result<Vec<u8>> {
-        self.run_with_flags(what, id, &[], args).await
+        self.driver.run(what, id, args).await
     }
 
     /// Runs a subcommand with further global `flags` and returns its stdout.
@@ -167,18 +263,7 @@ impl OciRuntime {
         flags: &[String],
         args: &[&str],
     ) -> Result<Vec<u8>> {
-        let log = self.scratch("engine.log");
-        let mut command = self.command(&log, flags);
-        command.args(args).stdin(ProcessStdio::null());
-        let output = reaper::output(&mut command)
-            .await
-            .map_err(|err| self.spawn_error(err))?;
-        let message = engine_error(&log, &output.stderr);
-        let _ = std::fs::remove_file(&log);
-        if output.status.code != 0 {
-            return Err(self.classify(what, id, message));
-        }
-        Ok(output.stdout)
+        self.driver.run_with_flags(what, id, flags, args).await
     }
 
     /// Creates and starts container `id` from `bundle`, a bundle of the sandboxer's own,
@@ -213,33 +298,46 @@ impl OciRuntime {
         let log = self.scratch("engine.log");
         let mut command = self.command(&log, flags);
         command.args(&args);
+        // Without a stderr of the process's own, the engine's goes to a file: what it says
+        // before its log is set up (a bad flag, say) is the only reason there is. Not a
+        // pipe: the engine hands its stderr on to the daemons it starts, so a pipe would
+        // not reach end-of-file before they end.
+        let stderr_file = match &fds.stderr {
+            Some(_) => None,
+            None => Some(self.scratch("engine.stderr")),
+        };
+        let stderr = match (fds.stderr, &stderr_file) {
+            (Some(fd), _) => ProcessStdio::from(fd),
+            (None, Some(path)) => std::fs::File::create(path)
+                .map(ProcessStdio::from)
+                .with_context(|| format!("create {}", path.display()))?,
+            (None, None) => ProcessStdio::null(),
+        };
         command
             .stdin(stdio(fds.stdin))
             .stdout(stdio(fds.stdout))
-            .stderr(stdio(fds.stderr));
-        let (child, exit) = reaper::spawn(&mut command).map_err(|err| self.spawn_error(err))?;
+            .stderr(stderr);
+        let (child, exit) =
+            reaper::spawn(&mut command).map_err(|err| self.driver.spawn_error(err))?;
         // Our copies of the descriptors go with the command; the container keeps its own.
         drop(command);
         drop(child);
-        let status = exit
-            .await
-            .map_err(|_| Error::internal(format!("exit of {} was lost", self.engine.name)))?;
-        let message = engine_error(&log, &[]);
+        let status = exit.await.map_err(|_| {
+            Error::internal(format!("exit of {} was lost", self.driver.engine.name))
+        })?;
+        let stderr = stderr_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .unwrap_or_default();
+        let message = engine_error(&log, &stderr);
         let _ = std::fs::remove_file(&log);
+        if let Some(path) = &stderr_file {
+            let _ = std::fs::remove_file(path);
+        }
         if status.code != 0 {
-            return Err(self.classify(what, id, message));
+            return Err(classify(&self.driver.engine.name, what, id, message));
         }
         Ok(())
-    }
-
-    fn spawn_error(&self, err: std::io::Error) -> Error {
-        Error::Internal(
-            anyhow::Error::new(err).context(format!("run {}", self.engine.binary.display())),
-        )
-    }
-
-    fn classify(&self, what: &str, id: &str, message: String) -> Error {
-        classify(&self.engine.name, what, id, message)
     }
 
     /// Reads and removes a pid file the engine wrote.
@@ -310,34 +408,6 @@ impl OciRuntime {
         self.kernel_execs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Starts `<binary> wait <id>` for a container that now runs in the engine's kernel
-    /// and delivers the exit it reports to `sender`.
-    fn watch_kernel_exit(&self, id: &str, sender: oneshot::Sender<ExitStatus>) {
-        let log = self.scratch("wait.log");
-        let mut command = self.command(&log, &[]);
-        command.args(["wait", id]).stdin(ProcessStdio::null());
-        let name = self.engine.name.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let status = match reaper::output(&mut command).await {
-                Ok(output) => match wait_status(&output.stdout) {
-                    Some(code) => ExitStatus::now(code),
-                    None => {
-                        let message = engine_error(&log, &output.stderr);
-                        tracing::warn!(container_id = %id, engine = %name, error = %message, "container exit unknown");
-                        ExitStatus::now(UNKNOWN_EXIT)
-                    }
-                },
-                Err(err) => {
-                    tracing::warn!(container_id = %id, engine = %name, error = %err, "cannot wait for container");
-                    ExitStatus::now(UNKNOWN_EXIT)
-                }
-            };
-            let _ = std::fs::remove_file(&log);
-            let _ = sender.send(status);
-        });
     }
 }
 
@@ -433,7 +503,7 @@ impl ContainerRuntime for OciRuntime {
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
-        let created = match self.engine.processes {
+        let created = match self.driver.engine.processes {
             Processes::Host => {
                 self.run_attached("create", id, args, &container.stdio)
                     .await
@@ -459,7 +529,7 @@ impl ContainerRuntime for OciRuntime {
             }
         };
         self.bundles().insert(id.clone(), bundle.clone());
-        let exit = match self.engine.processes {
+        let exit = match self.driver.engine.processes {
             Processes::Host => reaper::watch(pid),
             Processes::Kernel => {
                 let (sender, receiver) = oneshot::channel();
@@ -480,7 +550,7 @@ impl ContainerRuntime for OciRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<Option<crate::io::Console>> {
-        if self.engine.processes == Processes::Host {
+        if self.driver.engine.processes == Processes::Host {
             self.run("start", id, &["start", id]).await?;
             return Ok(None);
         }
@@ -495,7 +565,11 @@ impl ContainerRuntime for OciRuntime {
             .await
         {
             Ok(console) => {
-                self.watch_kernel_exit(id, pending.exit);
+                tokio::spawn(
+                    self.driver
+                        .clone()
+                        .watch_kernel_exit(id.to_string(), pending.exit),
+                );
                 Ok(console)
             }
             Err(err) => {
@@ -527,7 +601,7 @@ impl ContainerRuntime for OciRuntime {
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
-        if self.engine.processes == Processes::Kernel {
+        if self.driver.engine.processes == Processes::Kernel {
             args.extend([
                 "--internal-pid-file".into(),
                 internal_pid_file.display().to_string(),
@@ -540,16 +614,27 @@ impl ContainerRuntime for OciRuntime {
         let pid = Self::read_pid(&pid_file).await?;
         // Registered before anything can reap it: an exit that came first is kept.
         let mut exit = reaper::watch(pid);
-        if self.engine.processes == Processes::Kernel {
+        if self.driver.engine.processes == Processes::Kernel {
             let internal = Self::read_pid(&internal_pid_file).await?;
             self.kernel_execs().insert(pid, (id.clone(), internal));
-            // The exec's entry goes with its exit, so that probes exec'd every few seconds
-            // into a long-running container do not pile up.
+            // The host-side `exec` relays the process's exit status. Killed itself, it
+            // leaves the process running in the kernel, out of anybody's reach: the process
+            // goes with it. The exec's entry goes with its exit, so that probes exec'd
+            // every few seconds into a long-running container do not pile up.
             let (forward, forwarded) = oneshot::channel();
             let execs = self.kernel_execs.clone();
+            let driver = self.driver.clone();
+            let container = id.clone();
             let reaped = std::mem::replace(&mut exit, forwarded);
             tokio::spawn(async move {
                 let status = reaped.await;
+                if status.as_ref().is_ok_and(|s| s.code > 128) {
+                    let internal = internal.to_string();
+                    let args = ["kill", "--pid", &internal, &container, "9"];
+                    if let Err(err) = driver.run("kill", &container, &args).await {
+                        tracing::debug!(container_id = %container, pid, error = %err, "exec process already gone");
+                    }
+                }
                 execs
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -570,7 +655,7 @@ impl ContainerRuntime for OciRuntime {
     async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()> {
         match target {
             KillTarget::Init { all } => {
-                if self.engine.processes == Processes::Kernel {
+                if self.driver.engine.processes == Processes::Kernel {
                     // A container the kernel has not started cannot be signalled; it
                     // ends with its removal.
                     let pending = self.pending_starts().remove(id);
@@ -589,7 +674,7 @@ impl ContainerRuntime for OciRuntime {
                 self.run("kill", id, &args).await.map(drop)
             }
             KillTarget::Exec(pid) => {
-                if self.engine.processes == Processes::Kernel {
+                if self.driver.engine.processes == Processes::Kernel {
                     let internal = self.kernel_execs().get(&pid).map(|(_, internal)| *internal);
                     if let Some(internal) = internal {
                         let internal = internal.to_string();
@@ -640,10 +725,10 @@ impl ContainerRuntime for OciRuntime {
                 "resources of container {id:?} are not LinuxResources JSON: {err}"
             ))
         })?;
-        if self.engine.processes == Processes::Kernel {
+        if self.driver.engine.processes == Processes::Kernel {
             return Err(Error::Unimplemented(format!(
                 "updating the resources of container {id:?} in {}",
-                self.engine.name
+                self.driver.engine.name
             )));
         }
         let file = self.scratch("resources.json");
@@ -661,14 +746,19 @@ impl ContainerRuntime for OciRuntime {
     async fn stats(&self, id: &str) -> Result<Any> {
         let output = self.run("events", id, &["events", "--stats", id]).await?;
         stats::to_metrics(&output, crate::cgroup::is_unified())
-            .with_context(|| format!("decode {} stats of container {id:?}", self.engine.name))
+            .with_context(|| {
+                format!(
+                    "decode {} stats of container {id:?}",
+                    self.driver.engine.name
+                )
+            })
             .map_err(Error::from)
     }
 
     async fn pids(&self, id: &str) -> Result<Vec<u32>> {
         let output = self.run("ps", id, &["ps", "--format", "json", id]).await?;
         serde_json::from_slice(&output)
-            .with_context(|| format!("decode {} ps of container {id:?}", self.engine.name))
+            .with_context(|| format!("decode {} ps of container {id:?}", self.driver.engine.name))
             .map_err(Error::from)
     }
 }
