@@ -532,6 +532,20 @@ impl Harness {
         Ok(left)
     }
 
+    /// Waits up to `timeout` for [`Harness::leftovers`] to come out empty: a sandboxer may
+    /// finish cleaning up just after it answered. Fails with what is still there.
+    pub async fn wait_for_no_leftovers(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.leftovers()?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{timeout:?} later:\n{left}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Prints the last lines of the containerd and sandboxer logs to stderr.
     pub fn print_log_tails(&self) {
         for (name, path) in [

@@ -383,19 +383,9 @@ async fn missing_runsc_binary_fails_the_pod_with_its_path() -> Result<()> {
         );
         let pods = h.cri().list_pods().await?;
         ensure!(pods.is_empty(), "the failed pod is still listed: {pods:?}");
-        // The sandboxer may finish its cleanup just after answering.
-        let deadline = Instant::now() + CLEANUP_TIMEOUT;
-        loop {
-            let left = h.leftovers()?;
-            if left.is_empty() {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{CLEANUP_TIMEOUT:?} after the failed pod:\n{left}"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        h.wait_for_no_leftovers(CLEANUP_TIMEOUT)
+            .await
+            .context("after the failed pod")
     })
     .await
 }
