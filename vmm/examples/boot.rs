@@ -1,0 +1,91 @@
+//! Boots the guest image `make guest` builds in a QEMU microVM, waits for the guest to
+//! report ready on the agent's virtio-serial port, and stops the VM.
+//!
+//! `cargo run -p vmm-sandboxer --example boot -- [tcg|kvm] [timeout-seconds]`
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::UnixStream;
+use vmm_sandboxer::hypervisor::qemu::Qemu;
+use vmm_sandboxer::hypervisor::{Accelerator, Hypervisor, VmSpec};
+
+/// What the guest's init writes once it is up.
+const READY_LINE: &str = "KUASAR-GUEST-READY";
+
+/// Reads the agent port until the guest's ready line arrives.
+async fn guest_ready(socket: PathBuf) -> anyhow::Result<()> {
+    let stream = loop {
+        match UnixStream::connect(&socket).await {
+            Ok(stream) => break stream,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.contains(READY_LINE) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the agent port closed before the guest was ready")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kuasar_sandbox::reaper::start().context("start the reaper")?;
+    let mut args = std::env::args().skip(1);
+    let accelerator = match args.next().as_deref() {
+        None | Some("tcg") => Accelerator::Tcg,
+        Some("kvm") => Accelerator::Kvm,
+        Some(other) => anyhow::bail!("unknown accelerator {other:?} (tcg or kvm)"),
+    };
+    let timeout = Duration::from_secs(args.next().map_or(Ok(30), |s| s.parse())?);
+
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/guest");
+    let run_dir = std::env::temp_dir().join(format!("kuasar-boot-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let khz = tsc_khz().unwrap_or(2_000_000);
+    let spec = VmSpec {
+        id: "boot".into(),
+        kernel: guest.join("vmlinux"),
+        initrd: guest.join("initramfs.cpio"),
+        cmdline: format!("console=ttyS0 quiet tsc_early_khz={khz} panic=-1"),
+        memory_mib: 256,
+        vcpus: 1,
+        accelerator,
+        run_dir: run_dir.clone(),
+        shares: Vec::new(),
+    };
+    let mut vm = Qemu::new(spec, "qemu-system-x86_64".into());
+    let began = Instant::now();
+    vm.start().await?;
+    let ready = Box::pin(guest_ready(vm.agent_address()));
+    let booted = vm.wait_ready(ready, timeout).await;
+    let elapsed = began.elapsed();
+    vm.stop(Duration::from_secs(2)).await?;
+    std::fs::remove_dir_all(&run_dir)?;
+    match booted {
+        Ok(()) => println!("guest ready after {:.0} ms", elapsed.as_secs_f64() * 1000.0),
+        Err(err) => println!(
+            "boot failed after {:.0} ms: {err}",
+            elapsed.as_secs_f64() * 1000.0
+        ),
+    }
+    Ok(())
+}
+
+/// The host's TSC frequency in kHz, which a guest under emulation needs to be told.
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
