@@ -165,6 +165,13 @@ impl WasmRuntime {
                     .into());
             }
         }
+        // The worker loads the module only once it is accounted to the container.
+        if let Err(err) = (&ours).write_all(&[1]) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(Error::Internal(
+                anyhow::Error::new(err).context(format!("let the worker of {id:?} load")),
+            ));
+        }
 
         ours.set_read_timeout(Some(LOAD_TIMEOUT))
             .context("control socket")?;

@@ -3,8 +3,9 @@
 //! It is the sandboxer's binary, re-executed with the hidden `run-module` command into the
 //! container's cgroup, so each module can be killed, limited and measured like any
 //! process, and a trap or a memory blow-up ends only this process. It loads the module
-//! the sandboxer precompiled, links WASI preview 1, reports "ready" (or the error) on
-//! the control socket at fd 3, and runs `_start` once the sandboxer writes a byte there.
+//! the sandboxer precompiled once the sandboxer has placed it in the container's cgroup
+//! (a first byte on the control socket at fd 3), links WASI preview 1, reports "ready"
+//! (or the error) there, and runs `_start` once the sandboxer writes a second byte.
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::FromRawFd;
@@ -57,6 +58,12 @@ pub fn run_if_requested() {
     // SAFETY: the descriptor is open (checked above): the sandboxer starts every worker
     // with its control socket there, and nothing else in this process owns it.
     let control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    // Nothing is loaded before the sandboxer has placed this process in the container's
+    // cgroup, so that the module's memory is the container's from the first byte.
+    let mut placed = [0u8; 1];
+    if !matches!((&control).read(&mut placed), Ok(1)) {
+        std::process::exit(1);
+    }
     let code = match args
         .get(2)
         .map(|json| serde_json::from_str::<WorkerSpec>(json))
