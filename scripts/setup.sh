@@ -174,9 +174,18 @@ unpack_from_suite() {
     dpkg -x "${deb}" "${dest}"
 }
 
+# Whether BINARY runs and its --version output contains TEXT. The output is taken whole
+# first: grep -q leaving a pipe early would kill a writer of several lines with SIGPIPE.
+reports_version() {
+    local binary="$1" text="$2" output
+    [[ -x "${binary}" ]] || return 1
+    output="$("${binary}" --version 2>/dev/null)" || return 1
+    [[ "${output}" == *"${text}"* ]]
+}
+
 containerd_ok() {
-    [[ -x "${containerd_dir}/usr/bin/containerd" ]] &&
-        "${containerd_dir}/usr/bin/containerd" --version 2>/dev/null | grep -q " v\?${CONTAINERD_VERSION}"
+    reports_version "${containerd_dir}/usr/bin/containerd" " v${CONTAINERD_VERSION}" ||
+        reports_version "${containerd_dir}/usr/bin/containerd" " ${CONTAINERD_VERSION}"
 }
 
 if containerd_ok; then
@@ -189,8 +198,7 @@ fi
 # --- runsc (gVisor) from bookworm-backports, unpacked --------------------------
 
 runsc_ok() {
-    [[ -x "${runsc_dir}/usr/bin/runsc" ]] &&
-        "${runsc_dir}/usr/bin/runsc" --version 2>/dev/null | grep -q "${RUNSC_VERSION}"
+    reports_version "${runsc_dir}/usr/bin/runsc" "${RUNSC_VERSION}"
 }
 
 if runsc_ok; then
