@@ -48,3 +48,9 @@ clean:
 demo: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) run -p kuasar-tests --bin kuasar-demo
+
+# The microVM guest image: an uncompressed kernel and an initramfs under .cache/guest/, from
+# Debian's kernel package. A different init goes in as GUEST_INIT=path.
+.PHONY: guest
+guest:
+	bash scripts/build-guest.sh

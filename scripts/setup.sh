@@ -17,22 +17,9 @@ cache_dir="${repo_root}/.cache"
 containerd_dir="${cache_dir}/containerd-${CONTAINERD_VERSION}"
 runsc_dir="${cache_dir}/runsc-${RUNSC_VERSION}"
 
-log() { printf 'setup: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# Refuses any path that is empty, relative, contains "..", or lies outside the
-# repository's cache directory: the only tree this script creates or deletes.
-check_owned_path() {
-    local path="$1"
-    [[ -n "${path}" ]] || die "empty path"
-    [[ "${path}" == /* ]] || die "relative path: ${path}"
-    [[ "${path}" != *..* ]] || die "path with '..': ${path}"
-    [[ -n "${repo_root}" && "${repo_root}" != "/" ]] || die "bad repository root: ${repo_root}"
-    case "${path}" in
-        "${cache_dir}"/*) ;;
-        *) die "path outside ${cache_dir}: ${path}" ;;
-    esac
-}
+script_name=setup
+# shellcheck source=scripts/owned-paths.sh
+. "${script_dir}/owned-paths.sh"
 
 [[ "$(id -u)" -eq 0 ]] || die "run as root (apt-get install needs it)"
 
@@ -53,6 +40,10 @@ packages=(
     lld-14
     wasi-libc
     libclang-rt-14-dev-wasm32
+    kmod
+    cpio
+    xz-utils
+    binutils
 )
 
 missing=()

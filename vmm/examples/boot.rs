@@ -12,6 +12,15 @@ use tokio::net::UnixStream;
 use vmm_sandboxer::hypervisor::qemu::Qemu;
 use vmm_sandboxer::hypervisor::{Accelerator, Hypervisor, VmSpec};
 
+/// The kernel command line tuned for boot time under emulation (see
+/// docs/architecture.md); the host's TSC frequency is added, without which an emulated
+/// guest hangs.
+const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check tsc=reliable \
+    8250.nr_uarts=1 random.trust_cpu=on mitigations=off cryptomgr.notests rodata=off \
+    lsm=lockdown,capability audit=0 pci=off initcall_blacklist=init_kprobe_trace,\
+    load_system_certificate_list,crypto_kdf108_init,init_zswap,init_ima,init_encrypted,\
+    init_blk_tracer";
+
 /// What the guest's init writes once it is up.
 const READY_LINE: &str = "KUASAR-GUEST-READY";
 
@@ -51,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         id: "boot".into(),
         kernel: guest.join("vmlinux"),
         initrd: guest.join("initramfs.cpio"),
-        cmdline: format!("console=ttyS0 quiet tsc_early_khz={khz} panic=-1"),
+        cmdline: format!("{GUEST_CMDLINE} tsc_early_khz={khz}"),
         memory_mib: 256,
         vcpus: 1,
         accelerator,

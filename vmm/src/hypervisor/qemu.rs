@@ -129,7 +129,7 @@ pub fn command_line(spec: &VmSpec) -> Vec<String> {
         "-name",
         &format!("kuasar-{}", spec.id),
         "-machine",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+        "microvm",
         "-accel",
         accel,
         "-cpu",
