@@ -63,7 +63,8 @@ pub async fn serve<S: Sandboxer>(listen: &Path, sandboxer: Arc<S>) -> anyhow::Re
     result
 }
 
-/// Sets up `tracing` output to stderr with the filter `level` (`RUST_LOG` wins when set).
+/// Sets up `tracing` output to stderr with the filter `level` (`RUST_LOG` wins when set),
+/// coloured only on a terminal.
 pub fn init_logging(level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
 
@@ -72,9 +73,14 @@ pub fn init_logging(level: &str) -> anyhow::Result<()> {
             .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
         _ => EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?,
     };
+    // Colours only for a person at a terminal: logs that go to a file or a journal stay
+    // plain text.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colours)
         .init();
     Ok(())
 }
