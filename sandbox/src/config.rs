@@ -129,6 +129,13 @@ impl<F: DeserializeOwned + Default> Config<F> {
         {
             bail!("unknown key {key:?} (expected one of {COMMON_KEYS:?} or a section)");
         }
+        // The sections are [containerd] and the family's own, named after it.
+        if let Some((key, _)) = value
+            .iter()
+            .find(|(key, v)| v.is_table() && *key != "containerd" && *key != family)
+        {
+            bail!("unknown section [{key}] (expected [containerd] or [{family}])");
+        }
         let defaults = Self::defaults(family);
         for (key, default) in [
             ("listen", defaults.listen.display().to_string()),
@@ -173,7 +180,7 @@ mod tests {
     #[derive(Debug, Default, Deserialize)]
     #[serde(default)]
     struct Family {
-        engine: EngineSection,
+        runc: EngineSection,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -201,7 +208,7 @@ mod tests {
             listen = "/tmp/x.sock"
             [containerd]
             ttrpc_address = "/tmp/c.ttrpc"
-            [engine]
+            [runc]
             binary = "/usr/sbin/runc"
             "#,
         )
@@ -212,7 +219,7 @@ mod tests {
             config.containerd.events_address(),
             Path::new("/tmp/c.ttrpc")
         );
-        assert_eq!(config.family.engine.binary, "/usr/sbin/runc");
+        assert_eq!(config.family.runc.binary, "/usr/sbin/runc");
     }
 
     #[test]
@@ -233,6 +240,12 @@ mod tests {
     fn rejects_misspelt_keys() {
         let err = Config::<Family>::parse("runc", "lisen = \"/x.sock\"").unwrap_err();
         assert!(err.to_string().contains("unknown key \"lisen\""), "{err}");
+        let err = Config::<()>::parse("quark", "[quarkk]\nnetwork = \"host\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown section [quarkk] (expected [containerd] or [quark])"),
+            "{err}"
+        );
         let err = Config::<Family>::parse("runc", "[containerd]\nadress = \"/x\"").unwrap_err();
         assert!(format!("{err:#}").contains("adress"), "{err:#}");
     }
