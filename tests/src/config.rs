@@ -170,22 +170,30 @@ pub fn cni_conflist(layout: &Layout) -> String {
     serde_json::to_string_pretty(&config).expect("a JSON value always serializes")
 }
 
-/// The wasm sandboxer's configuration file.
-pub fn wasm_sandboxer_config(layout: &Layout) -> String {
+/// What every sandboxer's configuration file holds: its socket, state directory, log level
+/// and where containerd and CRI keep their files; `family` is appended, its own section.
+fn sandboxer_file(
+    layout: &Layout,
+    listen: &Path,
+    state_dir: &Path,
+    log_level: &str,
+    family: &str,
+) -> String {
     let s = |p: &Path| quote(&p.to_string_lossy());
     format!(
         r#"listen = {listen}
 state_dir = {state_dir}
-log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info,cranelift=info,wasmtime=info"
+log_level = {log_level}
 
 [containerd]
 address = {address}
 ttrpc_address = {ttrpc_address}
 cri_root_dir = {cri_root}
 cri_state_dir = {cri_state}
-"#,
-        listen = s(&layout.wasm_socket),
-        state_dir = s(&layout.wasm_state),
+{family}"#,
+        listen = s(listen),
+        state_dir = s(state_dir),
+        log_level = quote(log_level),
         address = s(&layout.containerd_socket),
         ttrpc_address = s(&layout.containerd_ttrpc_socket),
         cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
@@ -193,64 +201,50 @@ cri_state_dir = {cri_state}
     )
 }
 
+/// Debug logs of our crates, without the HTTP/2 and gRPC libraries' chatter.
+const LOG_LEVEL: &str = "debug,h2=info,tower=info,hyper=info,hyper_util=info";
+
+/// The wasm sandboxer's configuration file.
+pub fn wasm_sandboxer_config(layout: &Layout) -> String {
+    let log_level = format!("{LOG_LEVEL},cranelift=info,wasmtime=info");
+    sandboxer_file(
+        layout,
+        &layout.wasm_socket,
+        &layout.wasm_state,
+        &log_level,
+        "",
+    )
+}
+
 /// The sandboxer's configuration file.
 pub fn sandboxer_config(layout: &Layout) -> String {
-    let s = |p: &Path| quote(&p.to_string_lossy());
-    format!(
-        r#"listen = {listen}
-state_dir = {state_dir}
-log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info"
-
-[containerd]
-address = {address}
-ttrpc_address = {ttrpc_address}
-cri_root_dir = {cri_root}
-cri_state_dir = {cri_state}
-
-[runc]
-binary = "runc"
-"#,
-        listen = s(&layout.sandboxer_socket),
-        state_dir = s(&layout.sandboxer_state),
-        address = s(&layout.containerd_socket),
-        ttrpc_address = s(&layout.containerd_ttrpc_socket),
-        cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
-        cri_state = s(&layout.cri_state_dir()),
+    let family = "\n[runc]\nbinary = \"runc\"\n";
+    sandboxer_file(
+        layout,
+        &layout.sandboxer_socket,
+        &layout.sandboxer_state,
+        LOG_LEVEL,
+        family,
     )
 }
 
 /// The quark sandboxer's configuration file, with `settings` as its `[quark]` table and
 /// runsc's state left at its default place, [`Layout::quark_runsc_root`].
 pub fn quark_sandboxer_config(layout: &Layout, settings: &QuarkSettings) -> String {
-    let s = |p: &Path| quote(&p.to_string_lossy());
     let flags: Vec<String> = settings.flags.iter().map(|f| quote(f)).collect();
-    format!(
-        r#"listen = {listen}
-state_dir = {state_dir}
-log_level = "debug,h2=info,tower=info,hyper=info,hyper_util=info"
-
-[containerd]
-address = {address}
-ttrpc_address = {ttrpc_address}
-cri_root_dir = {cri_root}
-cri_state_dir = {cri_state}
-
-[quark]
-binary = {binary}
-platform = {platform}
-network = {network}
-flags = [{flags}]
-"#,
-        listen = s(&layout.quark_socket),
-        state_dir = s(&layout.quark_state),
-        address = s(&layout.containerd_socket),
-        ttrpc_address = s(&layout.containerd_ttrpc_socket),
-        cri_root = s(&layout.containerd_root.join("io.containerd.grpc.v1.cri")),
-        cri_state = s(&layout.cri_state_dir()),
-        binary = s(&settings.runsc),
+    let family = format!(
+        "\n[quark]\nbinary = {binary}\nplatform = {platform}\nnetwork = {network}\nflags = [{flags}]\n",
+        binary = quote(&settings.runsc.to_string_lossy()),
         platform = quote(&settings.platform),
         network = quote(&settings.network),
         flags = flags.join(", "),
+    );
+    sandboxer_file(
+        layout,
+        &layout.quark_socket,
+        &layout.quark_state,
+        LOG_LEVEL,
+        &family,
     )
 }
 

@@ -422,6 +422,11 @@ impl CriClient {
     }
 }
 
+/// Exec or log output as trimmed text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
 /// An [`ImageSpec`] naming `image`.
 pub fn image_spec(image: &str) -> ImageSpec {
     ImageSpec {

@@ -925,6 +925,21 @@ fn workspace_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Polls `check` every 50 ms until it holds; fails with "`what` within `timeout`" when it
+/// does not hold in time.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        ensure!(Instant::now() < deadline, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A child process whose output goes to a log file.
 struct Daemon {
     name: &'static str,

@@ -13,7 +13,10 @@ use k8s_cri::v1::{
     NamespaceMode, NamespaceOption, PodSandboxState,
 };
 use kuasar_tests::cleanup;
+use kuasar_tests::cleanup::process_alive;
 use kuasar_tests::cri::state_name;
+use kuasar_tests::cri::text;
+use kuasar_tests::harness::wait_until;
 use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::{Harness, HarnessOptions, Pod, QuarkSettings, KUASAR_QUARK_HANDLER};
 
@@ -39,24 +42,11 @@ const TRAPPING_SHELL: &str = "trap 'exit 7' TERM; while true; do sleep 1; done";
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
-
 /// Fails with "`what` hangs" when `future` does not finish within [`CALL_TIMEOUT`].
 async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> Result<T> {
     tokio::time::timeout(CALL_TIMEOUT, future)
         .await
         .with_context(|| format!("{what} hangs (no answer within {CALL_TIMEOUT:?})"))
-}
-
-async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut check: F) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        ensure!(Instant::now() < deadline, "{what} within {timeout:?}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-    Ok(())
 }
 
 /// Processes of this run (found by their command line or working directory under the
@@ -91,17 +81,6 @@ async fn wait_for_processes(
 /// Whether `pid` still has an entry in `/proc`: alive, or a zombie nobody reaped.
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Whether process `pid` exists and has not exited.
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|state| state != "Z")
-        })
-        .unwrap_or(false)
 }
 
 /// A runsc gofer: `runsc-gofer … gofer --bundle …`.

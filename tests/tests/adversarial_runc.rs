@@ -13,6 +13,8 @@ use kuasar_sandbox::api::sandbox::{
     ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
     ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
+use kuasar_tests::cri::text;
+use kuasar_tests::harness::wait_until;
 use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::{Harness, KUASAR_RUNC_HANDLER};
 use tonic::transport::Channel;
@@ -245,25 +247,12 @@ fn cgroup_dirs_named(relative_parent: &str, name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, check: F) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        ensure!(Instant::now() < deadline, "{what} within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 /// "ok", or the code and message of a failed Sandbox API call.
 fn outcome<T>(result: &std::result::Result<T, tonic::Status>) -> String {
     match result {
         Ok(_) => "ok".to_string(),
         Err(e) => format!("{:?}: {}", e.code(), e.message()),
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
 }
 
 /// What of sandbox `id` a direct Sandbox API test may leave on the host: holder processes,

@@ -9,7 +9,10 @@ use k8s_cri::v1::{
     ContainerState, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxState,
 };
 use kuasar_tests::cleanup;
+use kuasar_tests::cleanup::process_alive;
+use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
+use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
 use kuasar_tests::{
     Harness, HarnessOptions, Pod, QuarkSettings, KUASAR_QUARK_HANDLER, KUASAR_RUNC_HANDLER,
 };
@@ -26,10 +29,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What gVisor's kernel calls itself in `/proc/version`.
 const GVISOR_VERSION_PREFIX: &str = "Linux version 4.4.0 ";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
 
 fn host_kernel_version() -> Result<String> {
     Ok(std::fs::read_to_string("/proc/version")
@@ -166,18 +165,8 @@ async fn containers_run_on_the_application_kernel() -> Result<()> {
 const TERMINAL_SCRIPT: &[u8] =
     b"test -t 0 && echo terminal-$((1+1)); stty size; echo tty-ok-$((6*7)); exit 3\n";
 
-/// Channels of the Kubernetes remote-command websocket protocol.
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
-
 #[tokio::test]
 async fn exec_terminal_stats_and_stop() -> Result<()> {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-
     Harness::start_with_quark_sandboxer()
         .await?
         .run(async |h: &Harness| {
@@ -219,45 +208,15 @@ async fn exec_terminal_stats_and_stop() -> Result<()> {
             );
 
             // What `crictl exec -it <id> sh` does: CRI Exec, then the streaming session.
-            let url = h.cri().exec_stream_url(&shell_id, &["sh"], true).await?;
-            ensure!(
-                url.starts_with("http://127.0.0.1:"),
-                "streaming server not on loopback: {url}"
-            );
-            let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-            let (mut session, _) = tokio_tungstenite::connect_async(request)
-                .await
-                .context("attach to the exec session")?;
-            let frame =
-                |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
-            session
-                .send(frame(RESIZE, br#"{"Width":90,"Height":20}"#))
-                .await?;
-            session.send(frame(STDIN, TERMINAL_SCRIPT)).await?;
-            let mut output = Vec::new();
-            let mut status = String::new();
-            let read = async {
-                while let Some(message) = session.next().await {
-                    let Message::Binary(data) = message? else {
-                        continue;
-                    };
-                    match data.first() {
-                        Some(&STDOUT) => output.extend_from_slice(&data[1..]),
-                        Some(&ERROR) if data.len() > 1 => {
-                            status.push_str(&String::from_utf8_lossy(&data[1..]))
-                        }
-                        _ => {}
-                    }
-                }
-                anyhow::Ok(())
-            };
-            tokio::time::timeout(EXIT_TIMEOUT, read)
-                .await
-                .context("exec session did not end")??;
-            let output = String::from_utf8_lossy(&output);
+            let TerminalSession { output, status } = exec_on_terminal(
+                h.cri(),
+                &shell_id,
+                &["sh"],
+                (90, 20),
+                TERMINAL_SCRIPT,
+                EXIT_TIMEOUT,
+            )
+            .await?;
             // gVisor names no device for a terminal (`tty` says "not a tty"); `test -t` asks
             // the kernel whether stdin is one. The terminal echoes the input, so only the
             // arithmetic's result proves that the shell ran the command.
@@ -538,15 +497,4 @@ async fn runsc_sandbox_pid(h: &Harness, pod: &Pod) -> Result<u32> {
             ),
         }
     }
-}
-
-/// Whether process `pid` exists and has not exited.
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|state| state != "Z")
-        })
-        .unwrap_or(false)
 }

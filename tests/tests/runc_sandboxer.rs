@@ -7,14 +7,12 @@ use anyhow::{ensure, Context, Result};
 use k8s_cri::v1::{ContainerState, PodSandboxState};
 use kuasar_sandbox::api::sandbox::controller_client::ControllerClient;
 use kuasar_sandbox::api::sandbox::{ControllerCreateRequest, ControllerStatusRequest};
+use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
+use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
 use kuasar_tests::{Harness, KUASAR_RUNC_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
 
 #[tokio::test]
 async fn pod_runs_containers_with_logs_exec_and_exit_codes() -> Result<()> {
@@ -373,18 +371,8 @@ async fn stats_limits_and_oom_kills_are_reported() -> Result<()> {
         .await
 }
 
-/// Channels of the Kubernetes remote-command websocket protocol.
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
-
 #[tokio::test]
 async fn interactive_exec_with_a_terminal() -> Result<()> {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-
     Harness::start_with_sandboxer()
         .await?
         .run(async |h: &Harness| {
@@ -393,53 +381,15 @@ async fn interactive_exec_with_a_terminal() -> Result<()> {
             let shell_id = h.start_container(&pod, &shell).await?;
 
             // What `crictl exec -it <id> sh` does: CRI Exec, then the streaming session.
-            let url = h.cri().exec_stream_url(&shell_id, &["sh"], true).await?;
-            ensure!(
-                url.starts_with("http://127.0.0.1:"),
-                "streaming server not on loopback: {url}"
-            );
-            let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-            let (mut session, _) = tokio_tungstenite::connect_async(request)
-                .await
-                .context("attach to the exec session")?;
-
-            let frame =
-                |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
-            session
-                .send(frame(RESIZE, br#"{"Width":100,"Height":30}"#))
-                .await?;
-            session
-                .send(frame(
-                    STDIN,
-                    b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
-                ))
-                .await?;
-
-            let mut output = Vec::new();
-            let mut status = String::new();
-            let read = async {
-                while let Some(message) = session.next().await {
-                    let Message::Binary(data) = message? else {
-                        continue;
-                    };
-                    match data.first() {
-                        Some(&STDOUT) => output.extend_from_slice(&data[1..]),
-                        Some(&ERROR) if data.len() > 1 => {
-                            status.push_str(&String::from_utf8_lossy(&data[1..]))
-                        }
-                        _ => {}
-                    }
-                }
-                anyhow::Ok(())
-            };
-            tokio::time::timeout(EXIT_TIMEOUT, read)
-                .await
-                .context("exec session did not end")??;
-
-            let output = String::from_utf8_lossy(&output);
+            let TerminalSession { output, status } = exec_on_terminal(
+                h.cri(),
+                &shell_id,
+                &["sh"],
+                (100, 30),
+                b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+                EXIT_TIMEOUT,
+            )
+            .await?;
             ensure!(
                 output.contains("/dev/pts/"),
                 "no terminal in the exec: {output:?}"

@@ -5,14 +5,11 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use k8s_cri::v1::{ContainerState, KeyValue, PodSandboxState};
+use kuasar_tests::cri::text;
 use kuasar_tests::images::WASM_IMAGE;
 use kuasar_tests::{Harness, KUASAR_WASM_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
 
 #[tokio::test]
 async fn modules_print_args_env_and_exit_codes() -> Result<()> {

@@ -80,11 +80,6 @@ impl Qemu {
             .join(" | ")
     }
 
-    async fn query_status(&self) -> anyhow::Result<String> {
-        let mut qmp = Qmp::connect(&self.qmp_socket()).await?;
-        qmp.status().await
-    }
-
     /// Waits for the exit of a started QEMU, at most `limit`; `None` on timeout.
     async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         if let Some(code) = self.exit_code {
@@ -212,7 +207,10 @@ impl Hypervisor for Qemu {
         let id = self.spec.id.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut status = String::from("unknown");
-        loop {
+        // One QMP connection for the whole boot; QEMU serves one client at a time, so it is
+        // closed before the VM is stopped.
+        let mut qmp: Option<Qmp> = None;
+        let failure = loop {
             tokio::select! {
                 answered = &mut ready => {
                     let Err(source) = answered else {
@@ -222,8 +220,7 @@ impl Hypervisor for Qemu {
                     if let Some(code) = self.wait_exit(EXIT_GRACE).await {
                         return Err(BootError::Exited { id, code, output: self.output_tail() });
                     }
-                    self.abandon().await;
-                    return Err(BootError::Control { id, source });
+                    break BootError::Control { id, source };
                 }
                 _ = tokio::time::sleep(STATUS_INTERVAL) => {}
             }
@@ -235,22 +232,29 @@ impl Hypervisor for Qemu {
                 });
             }
             // The socket appears a moment after QEMU starts; until then the state is unknown.
-            if let Ok(now) = self.query_status().await {
-                status = now;
+            if qmp.is_none() {
+                qmp = Qmp::connect(&self.qmp_socket()).await.ok();
+            }
+            if let Some(connection) = qmp.as_mut() {
+                match connection.status().await {
+                    Ok(now) => status = now,
+                    Err(_) => qmp = None,
+                }
             }
             if FAILED_STATES.contains(&status.as_str()) {
-                self.abandon().await;
-                return Err(BootError::Stopped { id, status });
+                break BootError::Stopped { id, status };
             }
             if tokio::time::Instant::now() >= deadline {
-                self.abandon().await;
-                return Err(BootError::TimedOut {
+                break BootError::TimedOut {
                     id,
                     timeout,
                     status,
-                });
+                };
             }
-        }
+        };
+        drop(qmp);
+        self.abandon().await;
+        Err(failure)
     }
 
     fn agent_address(&self) -> PathBuf {

@@ -206,6 +206,13 @@ fn kib_field(text: &str, key: &str) -> Option<f64> {
         .and_then(|value| value.parse().ok())
 }
 
+/// `all` rotated left by `index`, so that over successive indices each element takes every
+/// position in turn: the order in which compared handlers run in round `index`.
+fn rotated<T: Copy, const N: usize>(mut all: [T; N], index: usize) -> [T; N] {
+    all.rotate_left(index % N);
+    all
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -335,6 +342,27 @@ fn helpers(layout: &Layout, sandboxer: u32, command: &str) -> Vec<u32> {
                 && executable(pid) == binary
         })
         .collect()
+}
+
+/// containerd's runc shims serving this run's containerd: `containerd-shim-runc-v2 ...
+/// -address <the run's containerd socket>`.
+fn shims(layout: &Layout) -> Vec<u32> {
+    let address = layout.containerd_socket.to_string_lossy().into_owned();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            let args = arguments(pid);
+            let is_shim = args
+                .first()
+                .is_some_and(|a| Path::new(a).file_name() == Some(SHIM_BINARY.as_ref()));
+            is_shim && has_flag(&args, "-address", &address)
+        })
+        .collect()
+}
+
+/// Whether `args` hold the flag `name` followed by `value`.
+fn has_flag(args: &[String], name: &str, value: &str) -> bool {
+    args.windows(2).any(|w| w[0] == name && w[1] == value)
 }
 
 /// The binary process `pid` runs, or none when it is gone.

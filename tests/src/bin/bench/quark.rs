@@ -18,8 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::{
-    all_pids, arguments, median, min_max, remove_pod, start_pod_then, verdict, Memory, Options,
-    StartTimes, HOLDER_COMMAND, SETTLE, SHIM_BINARY,
+    all_pids, arguments, has_flag, median, min_max, remove_pod, rotated, shims, start_pod_then,
+    verdict, Memory, Options, StartTimes, HOLDER_COMMAND, SETTLE, SHIM_BINARY,
 };
 
 /// The sleeping container of both paths. It lets go of its stdio first: runsc wires a
@@ -54,11 +54,7 @@ impl Handler {
 
     /// Both, the first of them alternating with `index`.
     fn order(index: usize) -> [Self; 2] {
-        if index % 2 == 1 {
-            [Self::Kuasar, Self::RuncV2]
-        } else {
-            [Self::RuncV2, Self::Kuasar]
-        }
+        rotated(Self::ALL, index)
     }
 
     fn index(self) -> usize {
@@ -110,21 +106,11 @@ fn baseline_sandboxes(h: &Harness) -> Vec<u32> {
         .collect()
 }
 
-/// containerd's runc shims of `pod`: `containerd-shim-runc-v2 ... -id <pod id> -address <the
-/// run's containerd socket>`.
+/// containerd's runc shims of `pod`: the run's shims with `-id <pod id>`.
 fn baseline_shims(h: &Harness, pod: &Pod) -> Vec<u32> {
-    let address = h.layout().containerd_socket.to_string_lossy().into_owned();
-    all_pids()
+    shims(h.layout())
         .into_iter()
-        .filter(|&pid| {
-            let args = arguments(pid);
-            let flag =
-                |name: &str, value: &str| args.windows(2).any(|w| w[0] == name && w[1] == value);
-            args.first()
-                .is_some_and(|a| Path::new(a).file_name() == Some(SHIM_BINARY.as_ref()))
-                && flag("-id", &pod.id)
-                && flag("-address", &address)
-        })
+        .filter(|&pid| has_flag(&arguments(pid), "-id", &pod.id))
         .collect()
 }
 

@@ -1,15 +1,13 @@
 //! The runc sandboxer against containerd's own runc shim (`io.containerd.runc.v2`): start
 //! latency and the memory of the processes that exist only to manage pods.
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
 use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::{cleanup, Harness, Layout, KUASAR_RUNC_HANDLER, RUNC_HANDLER};
 
 use crate::{
-    all_pids, arguments, expect_count, holders, median, min_max, remove_pod, start_pod_with,
-    verdict, Memory, Options, StartTimes, SETTLE, SHIM_BINARY,
+    expect_count, holders, median, min_max, remove_pod, rotated, shims, start_pod_with, verdict,
+    Memory, Options, StartTimes, SETTLE,
 };
 
 /// Target of the start latency ratio kuasar-runc / runc.v2.
@@ -29,13 +27,11 @@ enum Handler {
 }
 
 impl Handler {
+    const ALL: [Self; 2] = [Self::RuncV2, Self::Kuasar];
+
     /// Both handlers, the first of them alternating with `index`.
     fn order(index: usize) -> [Self; 2] {
-        if index % 2 == 1 {
-            [Self::Kuasar, Self::RuncV2]
-        } else {
-            [Self::RuncV2, Self::Kuasar]
-        }
+        rotated(Self::ALL, index)
     }
 
     fn cri_name(self) -> &'static str {
@@ -147,25 +143,6 @@ pub(crate) async fn measure_latency(h: &Harness, options: &Options) -> Result<La
         }
     }
     Ok(results)
-}
-
-/// containerd's runc shims serving this run's containerd: `containerd-shim-runc-v2 ...
-/// -address <the run's containerd socket>`.
-fn shims(layout: &Layout) -> Vec<u32> {
-    let address = layout.containerd_socket.to_string_lossy().into_owned();
-    all_pids()
-        .into_iter()
-        .filter(|&pid| {
-            let args = arguments(pid);
-            let is_shim = args
-                .first()
-                .is_some_and(|a| Path::new(a).file_name() == Some(SHIM_BINARY.as_ref()));
-            is_shim
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == "-address" && w[1] == address)
-        })
-        .collect()
 }
 
 /// The pause processes in the run's pod cgroups.

@@ -11,8 +11,8 @@ use kuasar_tests::images::{BUSYBOX_IMAGE, WASM_IMAGE};
 use kuasar_tests::{cleanup, Harness, Layout, Pod, KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER};
 
 use crate::{
-    expect_count, helpers, holders, median, min_max, remove_pod, start_pod_with, verdict, Memory,
-    Options, StartTimes, SETTLE,
+    expect_count, helpers, holders, median, min_max, remove_pod, rotated, start_pod_with, verdict,
+    Memory, Options, StartTimes, SETTLE,
 };
 
 /// Target of the start latency ratio warm wasm / kuasar-runc.
@@ -46,9 +46,7 @@ impl WasmStart {
 
     /// All three, rotated by `index` so that each takes every position in turn.
     fn order(index: usize) -> [Self; 3] {
-        let mut all = Self::ALL;
-        all.rotate_left(index % Self::ALL.len());
-        all
+        rotated(Self::ALL, index)
     }
 
     fn index(self) -> usize {
@@ -87,13 +85,11 @@ enum Family {
 }
 
 impl Family {
+    const ALL: [Self; 2] = [Self::Wasm, Self::Runc];
+
     /// Both families, the first of them alternating with `index`.
     fn order(index: usize) -> [Self; 2] {
-        if index % 2 == 1 {
-            [Self::Runc, Self::Wasm]
-        } else {
-            [Self::Wasm, Self::Runc]
-        }
+        rotated(Self::ALL, index)
     }
 
     fn index(self) -> usize {

@@ -1,0 +1,79 @@
+//! An exec on a terminal the way `crictl exec -it` runs one: CRI Exec, then a websocket
+//! session with containerd's streaming server in the Kubernetes remote-command protocol
+//! (`v4.channel.k8s.io`: every message starts with its channel number).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::CriClient;
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+
+/// What a terminal session printed and how it ended.
+#[derive(Debug, Default)]
+pub struct TerminalSession {
+    /// Everything the terminal showed (input echoed, then output).
+    pub output: String,
+    /// The status document of the error channel, e.g. naming a non-zero exit code.
+    pub status: String,
+}
+
+/// Runs `command` in container `id` on a `width` x `height` terminal, types `input` and
+/// collects what comes back until the session ends, at most `timeout`.
+pub async fn exec_on_terminal(
+    cri: &CriClient,
+    id: &str,
+    command: &[&str],
+    (width, height): (u32, u32),
+    input: &[u8],
+    timeout: Duration,
+) -> Result<TerminalSession> {
+    let url = cri.exec_stream_url(id, command, true).await?;
+    ensure!(
+        url.starts_with("http://127.0.0.1:"),
+        "streaming server not on loopback: {url}"
+    );
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (mut session, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .context("attach to the exec session")?;
+    let frame = |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
+    let size = format!(r#"{{"Width":{width},"Height":{height}}}"#);
+    session.send(frame(RESIZE, size.as_bytes())).await?;
+    session.send(frame(STDIN, input)).await?;
+
+    let mut output = Vec::new();
+    let mut status = String::new();
+    let read = async {
+        while let Some(message) = session.next().await {
+            let Message::Binary(data) = message? else {
+                continue;
+            };
+            match data.first() {
+                Some(&STDOUT) => output.extend_from_slice(&data[1..]),
+                Some(&ERROR) if data.len() > 1 => {
+                    status.push_str(&String::from_utf8_lossy(&data[1..]))
+                }
+                _ => {}
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .context("exec session did not end")??;
+    Ok(TerminalSession {
+        output: String::from_utf8_lossy(&output).into_owned(),
+        status,
+    })
+}
