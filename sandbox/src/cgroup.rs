@@ -48,6 +48,22 @@ impl Cgroup {
         Self::create(&parent, &name)
     }
 
+    /// The cgroup at `path` (an OCI `cgroupsPath` in cgroupfs form) in the hierarchies
+    /// where it exists, without creating it; a path in systemd's `slice:prefix:name` form
+    /// names no directory and gives an empty cgroup.
+    pub fn existing(path: &str) -> anyhow::Result<Self> {
+        let relative = relative_path(path)?;
+        if relative.as_os_str().is_empty() {
+            bail!("cgroup path {path:?} names no cgroup");
+        }
+        let dirs = hierarchies()?
+            .into_iter()
+            .map(|mountpoint| mountpoint.join(&relative))
+            .filter(|dir| dir.is_dir())
+            .collect();
+        Ok(Self { dirs })
+    }
+
     /// Writes `value` to the control file `file` in every hierarchy that has it
     /// (`memory.limit_in_bytes` exists only in the v1 memory hierarchy, for example).
     /// Returns whether any hierarchy had the file.
@@ -340,6 +356,14 @@ mod tests {
         );
         assert_eq!(relative_path("").unwrap(), Path::new(""));
         assert!(relative_path("/kubepods/../../etc").is_err());
+    }
+
+    #[test]
+    fn existing_never_names_a_hierarchy_root_or_a_missing_cgroup() {
+        assert!(Cgroup::existing("/").is_err());
+        assert!(Cgroup::existing("").is_err());
+        let missing = Cgroup::existing("/kuasar-no-such-cgroup/x").unwrap();
+        assert!(missing.dirs().is_empty(), "{:?}", missing.dirs());
     }
 
     #[test]

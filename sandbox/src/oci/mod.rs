@@ -478,6 +478,34 @@ fn watch_oom(id: &str, bundle: &Path) -> Option<crate::oom::OomReceiver> {
     }
 }
 
+/// Removes the cgroup named in the container's spec if the engine left it behind: runsc
+/// leaves a sub-container's cgroup when its sandbox goes away during the create. A cgroup
+/// that still has processes stays.
+async fn remove_leftover_cgroup(id: &str, bundle: &Path) {
+    let Ok(spec) = oci_spec::runtime::Spec::load(bundle.join("config.json")) else {
+        return;
+    };
+    let Some(path) = spec
+        .linux()
+        .as_ref()
+        .and_then(|linux| linux.cgroups_path().as_ref())
+        .map(|path| path.display().to_string())
+    else {
+        return;
+    };
+    let removed = tokio::task::spawn_blocking(move || {
+        crate::cgroup::Cgroup::existing(&path).and_then(|cgroup| cgroup.remove())
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(container_id = %id, error = format!("{err:#}"), "container cgroup left behind")
+        }
+        Err(err) => tracing::warn!(container_id = %id, error = %err, "cgroup removal failed"),
+    }
+}
+
 fn unmount_rootfs(bundle: &Path) -> anyhow::Result<()> {
     crate::mount::unmount_all(&bundle.join("rootfs"))
 }
@@ -524,6 +552,7 @@ impl ContainerRuntime for OciRuntime {
             Ok(created) => created,
             Err(err) => {
                 let _ = self.run("delete", id, &["delete", "--force", id]).await;
+                remove_leftover_cgroup(id, bundle).await;
                 let _ = unmount_rootfs(bundle);
                 return Err(err);
             }
@@ -705,6 +734,7 @@ impl ContainerRuntime for OciRuntime {
             .retain(|_, (container, _)| container != id);
         let bundle = self.bundles().get(id).cloned();
         if let Some(bundle) = bundle {
+            remove_leftover_cgroup(id, &bundle).await;
             unmount_rootfs(&bundle)?;
             self.bundles().remove(id);
         }
