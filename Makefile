@@ -14,7 +14,7 @@ build:
 
 # The sandboxer binaries (runc-sandboxer, wasm-sandboxer) are built first: the end-to-end tests
 # start them as separate processes.
-test: setup
+test: setup guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
@@ -49,8 +49,16 @@ demo: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) run -p kuasar-tests --bin kuasar-demo
 
-# The microVM guest image: an uncompressed kernel and an initramfs under .cache/guest/, from
-# Debian's kernel package. A different init goes in as GUEST_INIT=path.
+# The microVM guest image under .cache/guest/: an uncompressed kernel from Debian's kernel
+# package, and initramfs.cpio with the guest agent (vmm-task, linked statically) as init,
+# runc and the kernel modules it needs. initramfs-test.cpio holds a shell init that only
+# reports readiness, for timing boots (cargo run -p vmm-sandboxer --example boot).
+GUEST_TARGET_DIR := $(BENCH_TARGET_DIR)/guest-agent
+GUEST_AGENT := $(GUEST_TARGET_DIR)/x86_64-unknown-linux-gnu/guest/vmm-task
+
 .PHONY: guest
 guest:
-	bash scripts/build-guest.sh
+	RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) \
+		$(CARGO) build --profile guest -p vmm-task --target x86_64-unknown-linux-gnu
+	GUEST_INIT=$(GUEST_AGENT) bash scripts/build-guest.sh
+	GUEST_INIT=scripts/guest-test-init.sh GUEST_IMAGE_NAME=initramfs-test bash scripts/build-guest.sh

@@ -8,16 +8,20 @@
 # From it come
 #   .cache/guest/vmlinux                the uncompressed kernel, which QEMU's microvm
 #                                       machine type boots directly;
-#   .cache/guest/initramfs.cpio[.gz]    a newc archive holding INIT as /init, a static
+#   .cache/guest/NAME.cpio[.gz]         a newc archive holding INIT as /init, a static
 #                                       busybox as /bin/busybox and the few kernel modules
 #                                       the guest needs, with their load order in
 #                                       /lib/modules/load-order.
-# INIT defaults to scripts/guest-test-init.sh, a shell init that only reports readiness.
+# INIT is the guest agent (a static binary, vmm-task): the image then also holds runc and
+# the shared libraries it loads, since the agent runs containers with it. INIT may also
+# be a shell script such as scripts/guest-test-init.sh, which only reports readiness.
+# NAME is GUEST_IMAGE_NAME, "initramfs" by default.
 #
 # GUEST_INITRAMFS_COMPRESSION=none|gzip chooses the archive format (default none: under
 # software emulation a gzip archive, 1.4 MB instead of 3.4 MB, booted no faster, since
-# inflating it costs what reading fewer bytes saves). Runs as root; every step is skipped when its result is already up to date, and
-# nothing outside the repository's .cache/ is written or deleted.
+# inflating it costs what reading fewer bytes saves). Runs as root; every step is skipped
+# when its result is already up to date, and nothing outside the repository's .cache/ is
+# written or deleted.
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -59,14 +63,18 @@ make_owned_dir() {
 
 [[ "$(id -u)" -eq 0 ]] || die "run as root (the image's files must belong to root)"
 
-init_src="${1:-${GUEST_INIT:-${script_dir}/guest-test-init.sh}}"
+init_src="${1:-${GUEST_INIT:-}}"
+[[ -n "${init_src}" ]] || die "name the guest's init (the vmm-task agent binary, or a test script)"
 [[ -f "${init_src}" ]] || die "no init at ${init_src}"
 init_src="$(cd "$(dirname "${init_src}")" && pwd)/$(basename "${init_src}")"
 
+image_name="${GUEST_IMAGE_NAME:-initramfs}"
+[[ "${image_name}" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "GUEST_IMAGE_NAME must be a plain file name, not ${image_name}"
+
 compression="${GUEST_INITRAMFS_COMPRESSION:-none}"
 case "${compression}" in
-    none) initramfs="${guest_dir}/initramfs.cpio" stale_initramfs="${guest_dir}/initramfs.cpio.gz" ;;
-    gzip) initramfs="${guest_dir}/initramfs.cpio.gz" stale_initramfs="${guest_dir}/initramfs.cpio" ;;
+    none) initramfs="${guest_dir}/${image_name}.cpio" stale_initramfs="${guest_dir}/${image_name}.cpio.gz" ;;
+    gzip) initramfs="${guest_dir}/${image_name}.cpio.gz" stale_initramfs="${guest_dir}/${image_name}.cpio" ;;
     *) die "GUEST_INITRAMFS_COMPRESSION must be none or gzip, not ${compression}" ;;
 esac
 
@@ -74,6 +82,20 @@ busybox=/bin/busybox
 [[ -x "${busybox}" ]] || die "no ${busybox}: install busybox-static"
 file_is_static() { ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'INTERP'; }
 file_is_static "${busybox}" || die "${busybox} is not statically linked: install busybox-static"
+
+# An ELF init is the agent: it must run without a loader, and it needs runc.
+runc_files=()
+if [[ "$(od -An -t x1 -N 4 "${init_src}" | tr -d ' \n')" == "7f454c46" ]]; then
+    file_is_static "${init_src}" || die "${init_src} is not statically linked"
+    runc="$(command -v runc || true)"
+    [[ -n "${runc}" ]] || die "no runc on PATH: the agent runs containers with it (install runc)"
+    runc="$(readlink -f "${runc}")"
+    runc_files+=("${runc}")
+    # The loader and the libraries, by the paths the loader looks them up by.
+    while read -r lib; do
+        runc_files+=("${lib}")
+    done < <(ldd "${runc}" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+fi
 
 for tool in apt-get apt-cache dpkg-deb modinfo cpio readelf od xz gzip sha256sum; do
     command -v "${tool}" >/dev/null || die "missing ${tool}"
@@ -216,10 +238,10 @@ inputs_key="$(
     {
         printf 'kernel %s\ncompression %s\n' "${kernel_id}" "${compression}"
         printf 'module %s\n' "${GUEST_MODULES[@]}"
-        sha256sum "${init_src}" "${busybox}" "${BASH_SOURCE[0]}" | cut -d' ' -f1
+        sha256sum "${init_src}" "${busybox}" "${BASH_SOURCE[0]}" "${runc_files[@]}" | cut -d' ' -f1
     } | sha256sum | cut -d' ' -f1
 )"
-initramfs_stamp="${guest_dir}/.initramfs-inputs"
+initramfs_stamp="${guest_dir}/.${image_name}-inputs"
 check_owned_path "${initramfs}"
 check_owned_path "${initramfs_stamp}"
 
@@ -287,6 +309,13 @@ make_owned_dir "${root}"/{bin,dev,proc,sys,run,tmp,lib/modules}
 install -m 0755 "${init_src}" "${root}/init"
 install -m 0755 "${busybox}" "${root}/bin/busybox"
 ln -s busybox "${root}/bin/sh"
+for file in "${runc_files[@]}"; do
+    dest="${root}${file}"
+    [[ "${file}" == /usr/sbin/runc || "${file}" == */runc ]] && dest="${root}/usr/sbin/runc"
+    check_owned_path "${dest}"
+    mkdir -p -- "$(dirname "${dest}")"
+    cp -L -- "${file}" "${dest}"
+done
 # The kernel opens /dev/console for init's standard streams before anything is
 # mounted, so the node has to be in the archive.
 check_owned_path "${root}/dev/console"

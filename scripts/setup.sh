@@ -2,20 +2,22 @@
 # Prepares a Debian 12 machine for building and testing the project.
 #
 # Installs the bookworm packages the build and the end-to-end tests need and
-# unpacks containerd 2.1.9 from Debian sid and runsc (gVisor) from
-# bookworm-backports into .cache/ of the repository,
+# unpacks containerd 2.1.9 and vhost-device-vsock 0.3.0 from Debian sid and runsc
+# (gVisor) from bookworm-backports into .cache/ of the repository,
 # using a private apt configuration so nothing from sid touches the system.
 # Safe to run again: every step is skipped when its result is already there.
 set -euo pipefail
 
 CONTAINERD_VERSION="2.1.9"
 RUNSC_VERSION="20240729"
+VHOST_VSOCK_VERSION="0.3.0"
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "${script_dir}/.." && pwd)"
 cache_dir="${repo_root}/.cache"
 containerd_dir="${cache_dir}/containerd-${CONTAINERD_VERSION}"
 runsc_dir="${cache_dir}/runsc-${RUNSC_VERSION}"
+vhost_vsock_dir="${cache_dir}/vhost-device-vsock-${VHOST_VSOCK_VERSION}"
 
 script_name=setup
 # shellcheck source=scripts/owned-paths.sh
@@ -44,6 +46,7 @@ packages=(
     cpio
     xz-utils
     binutils
+    qemu-system-x86
 )
 
 missing=()
@@ -199,6 +202,21 @@ else
     runsc_ok || die "unpacked runsc does not report ${RUNSC_VERSION}"
 fi
 
+# --- vhost-device-vsock from sid, unpacked ------------------------------------
+
+# The host side of the microVMs' vsock: QEMU's vhost-user-vsock-device talks to it, and
+# it maps guest connections to unix sockets (hybrid vsock). bookworm has no package.
+vhost_vsock_ok() {
+    reports_version "${vhost_vsock_dir}/usr/bin/vhost-device-vsock" " ${VHOST_VSOCK_VERSION}"
+}
+
+if vhost_vsock_ok; then
+    log "vhost-device-vsock ${VHOST_VSOCK_VERSION} present"
+else
+    unpack_from_suite sid vhost-device-vsock "${VHOST_VSOCK_VERSION}" "${vhost_vsock_dir}"
+    vhost_vsock_ok || die "unpacked vhost-device-vsock does not report ${VHOST_VSOCK_VERSION}"
+fi
+
 # --- summary -----------------------------------------------------------------
 
 printf 'containerd: %s\n' "${containerd_dir}/usr/bin/containerd"
@@ -207,3 +225,5 @@ printf 'runc:       %s\n' "$(command -v runc)"
 printf 'runsc:      %s\n' "${runsc_dir}/usr/bin/runsc"
 printf 'cni:        %s\n' "/usr/lib/cni"
 printf 'clang:      %s\n' "$(command -v clang-14)"
+printf 'qemu:       %s\n' "$(command -v qemu-system-x86_64)"
+printf 'vsock:      %s\n' "${vhost_vsock_dir}/usr/bin/vhost-device-vsock"

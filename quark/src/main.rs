@@ -47,6 +47,7 @@ fn main() -> ExitCode {
                 .clone()
                 .unwrap_or_else(|| config.state_dir.join("runsc")),
             flags: quark.global_flags()?,
+            create_flags: Vec::new(),
             processes: Processes::Kernel,
         };
         if let Err(err) = engine.check_binary() {

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
                 .clone()
                 .unwrap_or_else(|| config.state_dir.join("runc")),
             flags: Vec::new(),
+            create_flags: Vec::new(),
             processes: Processes::Host,
         };
         engine

@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use crate::harness::{
-    Layout, QuarkSettings, KUASAR_QUARK_HANDLER, KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER,
-    QUARK_SANDBOXER_NAME, RUNC_HANDLER, RUNSC_HANDLER, SANDBOXER_NAME, WASM_SANDBOXER_NAME,
+    Layout, QuarkSettings, KUASAR_QUARK_HANDLER, KUASAR_RUNC_HANDLER, KUASAR_VMM_HANDLER,
+    KUASAR_WASM_HANDLER, QUARK_SANDBOXER_NAME, RUNC_HANDLER, RUNSC_HANDLER, SANDBOXER_NAME,
+    VMM_SANDBOXER_NAME, WASM_SANDBOXER_NAME,
 };
 use crate::images::PAUSE_IMAGE;
 
@@ -18,6 +19,9 @@ pub const KUASAR_WASM_RUNTIME_TYPE: &str = "io.containerd.kuasar-wasm.v2";
 
 /// Runtime type of the quark sandboxer's handler.
 pub const KUASAR_QUARK_RUNTIME_TYPE: &str = "io.containerd.kuasar-quark.v2";
+
+/// Runtime type of the vmm sandboxer's handler.
+pub const KUASAR_VMM_RUNTIME_TYPE: &str = "io.containerd.kuasar-vmm.v2";
 
 /// Directory of the CNI plugin binaries of Debian's containernetworking-plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -117,6 +121,14 @@ sandboxer = {quark_sandboxer}
 [proxy_plugins.{quark_sandboxer}]
 type = "sandbox"
 address = {quark_socket}
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{vmm_handler}]
+runtime_type = {vmm_type}
+sandboxer = {vmm_sandboxer}
+
+[proxy_plugins.{vmm_sandboxer}]
+type = "sandbox"
+address = {vmm_socket}
 "#,
         root = s(&layout.containerd_root),
         state = s(&layout.containerd_state),
@@ -145,6 +157,10 @@ address = {quark_socket}
         quark_type = quote(KUASAR_QUARK_RUNTIME_TYPE),
         quark_sandboxer = quote(QUARK_SANDBOXER_NAME),
         quark_socket = s(&layout.quark_socket),
+        vmm_handler = quote(KUASAR_VMM_HANDLER),
+        vmm_type = quote(KUASAR_VMM_RUNTIME_TYPE),
+        vmm_sandboxer = quote(VMM_SANDBOXER_NAME),
+        vmm_socket = s(&layout.vmm_socket),
     )
 }
 
@@ -225,6 +241,26 @@ pub fn sandboxer_config(layout: &Layout) -> String {
         &layout.sandboxer_state,
         LOG_LEVEL,
         family,
+    )
+}
+
+/// The vmm sandboxer's configuration file: the guest image in `guest_dir`, software
+/// emulation (KVM here cannot run stock kernels), a boot timeout that allows for a
+/// loaded machine.
+pub fn vmm_sandboxer_config(layout: &Layout, guest_dir: &Path, vhost_vsock: &Path) -> String {
+    let s = |p: &Path| quote(&p.to_string_lossy());
+    let family = format!(
+        "\n[vmm]\nkernel = {kernel}\ninitrd = {initrd}\nvhost_vsock = {vhost}\naccelerator = \"tcg\"\nboot_timeout_secs = 60\n",
+        kernel = s(&guest_dir.join("vmlinux")),
+        initrd = s(&guest_dir.join("initramfs.cpio")),
+        vhost = s(vhost_vsock),
+    );
+    sandboxer_file(
+        layout,
+        &layout.vmm_socket,
+        &layout.vmm_state,
+        LOG_LEVEL,
+        &family,
     )
 }
 

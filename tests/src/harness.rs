@@ -60,6 +60,19 @@ pub const QUARK_SANDBOXER_NAME: &str = "quark";
 /// Environment variable naming the quark sandboxer binary to run.
 pub const QUARK_SANDBOXER_ENV: &str = "KUASAR_QUARK_SANDBOXER";
 
+/// CRI runtime handler served by the vmm sandboxer (a QEMU microVM per pod).
+pub const KUASAR_VMM_HANDLER: &str = "kuasar-vmm";
+
+/// Name of the vmm sandboxer's proxy plugin in containerd's configuration.
+pub const VMM_SANDBOXER_NAME: &str = "vmm";
+
+/// Environment variable naming the vmm sandboxer binary to run.
+pub const VMM_SANDBOXER_ENV: &str = "KUASAR_VMM_SANDBOXER";
+
+/// Environment variable naming the directory of the guest image (`vmlinux`,
+/// `initramfs.cpio`); `.cache/guest` of the workspace by default.
+pub const GUEST_DIR_ENV: &str = "KUASAR_GUEST_DIR";
+
 /// CRI runtime handler of containerd's own runc shim with runsc as its runtime binary (the
 /// way gVisor runs without its own shim): the quark family's baseline.
 pub const RUNSC_HANDLER: &str = "runsc";
@@ -117,6 +130,10 @@ pub struct Layout {
     pub quark_state: PathBuf,
     pub quark_config: PathBuf,
     pub quark_log: PathBuf,
+    pub vmm_socket: PathBuf,
+    pub vmm_state: PathBuf,
+    pub vmm_config: PathBuf,
+    pub vmm_log: PathBuf,
     pub pod_log_dir: PathBuf,
     pub images_dir: PathBuf,
     pub owner_file: PathBuf,
@@ -159,6 +176,10 @@ impl Layout {
             quark_state: at("quark-sandboxer"),
             quark_config: at("quark-sandboxer.toml"),
             quark_log: at("quark-sandboxer.log"),
+            vmm_socket: at("vmm-sandboxer.sock"),
+            vmm_state: at("vmm-sandboxer"),
+            vmm_config: at("vmm-sandboxer.toml"),
+            vmm_log: at("vmm-sandboxer.log"),
             pod_log_dir: at("pods"),
             images_dir: at("images"),
             owner_file: at("owner"),
@@ -211,6 +232,8 @@ pub struct HarnessOptions {
     /// The `[quark]` settings to give the quark sandboxer instead of
     /// [`QuarkSettings::for_host`]'s.
     pub quark_sandboxer_config: Option<QuarkSettings>,
+    /// Start the vmm sandboxer too: pods can run on [`KUASAR_VMM_HANDLER`].
+    pub vmm_sandboxer: bool,
 }
 
 /// The quark sandboxer's own settings, its `[quark]` table.
@@ -316,6 +339,7 @@ pub struct Harness {
     sandboxer: Option<Daemon>,
     wasm_sandboxer: Option<Daemon>,
     quark_sandboxer: Option<Daemon>,
+    vmm_sandboxer: Option<Daemon>,
     cri: Option<CriClient>,
     pods: AtomicU32,
     torn_down: bool,
@@ -354,6 +378,15 @@ impl Harness {
         .await
     }
 
+    /// Starts the vmm sandboxer and containerd: pods can run on [`KUASAR_VMM_HANDLER`].
+    pub async fn start_with_vmm_sandboxer() -> Result<Self> {
+        Self::start_with(HarnessOptions {
+            vmm_sandboxer: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Starts what `options` asks for and waits until CRI reports runtime and network ready.
     pub async fn start_with(options: HarnessOptions) -> Result<Self> {
         let layout = allocate_run()?;
@@ -363,6 +396,7 @@ impl Harness {
             sandboxer: None,
             wasm_sandboxer: None,
             quark_sandboxer: None,
+            vmm_sandboxer: None,
             cri: None,
             pods: AtomicU32::new(0),
             torn_down: false,
@@ -429,6 +463,11 @@ impl Harness {
     /// PID of the quark sandboxer, when the harness runs one.
     pub fn quark_sandboxer_pid(&self) -> Option<u32> {
         self.quark_sandboxer.as_ref().map(Daemon::pid)
+    }
+
+    /// PID of the vmm sandboxer, when the harness runs one.
+    pub fn vmm_sandboxer_pid(&self) -> Option<u32> {
+        self.vmm_sandboxer.as_ref().map(Daemon::pid)
     }
 
     /// A pod configuration with a unique uid, hostname `name`, a log directory in the run
@@ -526,6 +565,7 @@ impl Harness {
             .chain(self.sandboxer_pid())
             .chain(self.wasm_sandboxer_pid())
             .chain(self.quark_sandboxer_pid())
+            .chain(self.vmm_sandboxer_pid())
             .collect();
         let mut left = leftovers_of(&self.layout, &daemons)?;
         left.bridge = None;
@@ -583,6 +623,7 @@ impl Harness {
             &layout.sandboxer_state,
             &layout.wasm_state,
             &layout.quark_state,
+            &layout.vmm_state,
             &layout.pod_log_dir,
             &layout.images_dir,
         ] {
@@ -667,6 +708,17 @@ impl Harness {
             self.quark_sandboxer = Some(daemon);
         }
 
+        if options.vmm_sandboxer {
+            write_file(
+                &layout.vmm_config,
+                &config::vmm_sandboxer_config(&layout, &guest_dir()?, &vhost_vsock_binary()?),
+            )?;
+            let mut command = Command::new(vmm_sandboxer_binary()?);
+            command.arg("--config").arg(&layout.vmm_config);
+            let daemon = Daemon::spawn("vmm-sandboxer", command, &layout.vmm_log, &path_env)?;
+            self.vmm_sandboxer = Some(daemon);
+        }
+
         let mut command = Command::new(bin_dir.join("containerd"));
         command.arg("--config").arg(&layout.containerd_config);
         self.containerd = Some(Daemon::spawn(
@@ -684,6 +736,9 @@ impl Harness {
         }
         if let Some(sandboxer) = self.quark_sandboxer.as_mut() {
             wait_for_socket(sandboxer, &layout.quark_socket)?;
+        }
+        if let Some(sandboxer) = self.vmm_sandboxer.as_mut() {
+            wait_for_socket(sandboxer, &layout.vmm_socket)?;
         }
         let containerd = self
             .containerd
@@ -736,6 +791,7 @@ impl Harness {
             self.sandboxer.as_mut(),
             self.wasm_sandboxer.as_mut(),
             self.quark_sandboxer.as_mut(),
+            self.vmm_sandboxer.as_mut(),
         ]
         .into_iter()
         .flatten()
@@ -822,6 +878,7 @@ pub fn leftovers_of(layout: &Layout, daemons: &[u32]) -> Result<Leftovers> {
                     .into_iter()
                     .filter(|f| !f.starts_with(layout.quark_runsc_root())),
             )
+            .chain(files_below(&layout.vmm_state))
             .collect(),
         cni,
         bridge: cleanup::bridge_exists(layout).then(|| layout.bridge.clone()),
@@ -902,6 +959,46 @@ pub fn wasm_sandboxer_binary() -> Result<PathBuf> {
 /// The quark sandboxer binary, found by [`family_binary`] with [`QUARK_SANDBOXER_ENV`].
 pub fn quark_sandboxer_binary() -> Result<PathBuf> {
     family_binary("quark-sandboxer", QUARK_SANDBOXER_ENV)
+}
+
+/// The vmm sandboxer binary, found by [`family_binary`] with [`VMM_SANDBOXER_ENV`].
+pub fn vmm_sandboxer_binary() -> Result<PathBuf> {
+    family_binary("vmm-sandboxer", VMM_SANDBOXER_ENV)
+}
+
+/// The directory of the guest image `make guest` builds, or the one named by
+/// [`GUEST_DIR_ENV`].
+pub fn guest_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os(GUEST_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_dir().join(".cache/guest"),
+    };
+    ensure!(
+        dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file(),
+        "no guest image (vmlinux, initramfs.cpio) in {} (run make guest or set {GUEST_DIR_ENV})",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The vhost-device-vsock binary `scripts/setup.sh` unpacks.
+pub fn vhost_vsock_binary() -> Result<PathBuf> {
+    let cache = workspace_dir().join(".cache");
+    cleanup::list_dir(&cache)
+        .into_iter()
+        .filter(|dir| {
+            dir.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("vhost-device-vsock-"))
+        })
+        .map(|dir| dir.join("usr/bin/vhost-device-vsock"))
+        .find(|binary| binary.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "no vhost-device-vsock under {} (run scripts/setup.sh)",
+                cache.display()
+            )
+        })
 }
 
 /// The runsc binary unpacked by `scripts/setup.sh`, or the one named by [`RUNSC_ENV`].

@@ -13,5 +13,5 @@ pub mod terminal;
 pub use cri::CriClient;
 pub use harness::{
     Harness, HarnessOptions, Layout, Leftovers, Pod, QuarkSettings, KUASAR_QUARK_HANDLER,
-    KUASAR_RUNC_HANDLER, KUASAR_WASM_HANDLER, RUNC_HANDLER, RUNSC_HANDLER,
+    KUASAR_RUNC_HANDLER, KUASAR_VMM_HANDLER, KUASAR_WASM_HANDLER, RUNC_HANDLER, RUNSC_HANDLER,
 };

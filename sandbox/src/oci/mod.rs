@@ -63,6 +63,8 @@ pub struct OciEngine {
     pub root: PathBuf,
     /// Further global flags, placed before every subcommand.
     pub flags: Vec<String>,
+    /// Further flags of `create`, e.g. runc's `--no-pivot` where the root is a RAM disk.
+    pub create_flags: Vec<String>,
     /// Where container processes live.
     pub processes: Processes,
 }
@@ -531,6 +533,7 @@ impl ContainerRuntime for OciRuntime {
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
+        args.extend(self.driver.engine.create_flags.iter().cloned());
         let created = match self.driver.engine.processes {
             Processes::Host => {
                 self.run_attached("create", id, args, &container.stdio)
@@ -849,6 +852,7 @@ mod tests {
             binary: "/nonexistent/runsc".into(),
             root: "/tmp".into(),
             flags: Vec::new(),
+            create_flags: Vec::new(),
             processes: Processes::Kernel,
         };
         let err = engine.check_binary().unwrap_err().to_string();

@@ -1,7 +1,7 @@
 //! The hypervisor behind a small interface: start a VM from a [`VmSpec`], learn when its
-//! guest is ready or has failed, stop it, wait for it. QEMU implements it here; another
-//! VMM (Cloud Hypervisor, Firecracker, StratoVirt) implements the same trait and nothing
-//! else changes.
+//! guest is ready or has failed, stop it, wait for it, reach its hybrid vsock. QEMU
+//! implements it here; another VMM (Cloud Hypervisor, Firecracker, StratoVirt) implements
+//! the same trait and nothing else changes.
 
 pub mod qemu;
 mod qmp;
@@ -35,6 +35,31 @@ pub struct Share {
     pub path: PathBuf,
 }
 
+/// The VM's vsock device, served on the host as hybrid vsock: one unix socket through
+/// which the host reaches guest ports, and a unix socket per host port the guest
+/// connects to (see [`crate::vsock`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// The guest's context id (CID), its vsock address.
+    pub guest_cid: u32,
+    /// The program serving the device on the host; for QEMU, `vhost-device-vsock`.
+    pub backend: PathBuf,
+}
+
+impl VsockSpec {
+    /// The CID a guest gets unless told otherwise: the first one not reserved (0 for the
+    /// hypervisor, 1 for local loopback, 2 for the host).
+    pub const DEFAULT_GUEST_CID: u32 = 3;
+
+    /// A vsock device with the default guest CID, served by the program `backend`.
+    pub fn new(backend: PathBuf) -> Self {
+        Self {
+            guest_cid: Self::DEFAULT_GUEST_CID,
+            backend,
+        }
+    }
+}
+
 /// What a VM is made of.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -57,6 +82,8 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Directories shared into the guest.
     pub shares: Vec<Share>,
+    /// The vsock device, if the VM has one.
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Why a guest never became ready.
@@ -128,10 +155,24 @@ pub trait Hypervisor: Send + Sync {
     /// Host pid of the hypervisor process, once started.
     fn pid(&self) -> Option<u32>;
 
+    /// Host pids of the processes the VM runs besides the hypervisor (device backends
+    /// such as the vsock's), from its start until it is stopped.
+    fn helper_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// The host side of the VM's hybrid vsock, when it has a vsock device: the unix
+    /// socket through which [`crate::vsock::connect`] reaches a guest port. A guest's
+    /// connection to host port P arrives at [`crate::vsock::listener_path`] of it.
+    fn vsock_uds(&self) -> Option<PathBuf> {
+        None
+    }
+
     /// Stops the VM: asks the hypervisor to quit, kills it after `grace`, and waits for
-    /// its exit.
+    /// its exit; then ends the VM's helper processes.
     async fn stop(&mut self, grace: Duration) -> anyhow::Result<()>;
 
-    /// Waits for the hypervisor to exit and returns its exit code.
+    /// Waits for the hypervisor to exit and returns its exit code; the VM's helper
+    /// processes are ended then too.
     async fn wait(&mut self) -> anyhow::Result<i32>;
 }

@@ -1,0 +1,187 @@
+//! The vmm sandboxer on a real containerd: every pod is a QEMU microVM (software
+//! emulation here) whose guest agent runs the pod's containers with runc inside the
+//! guest. Needs root, `make guest` and QEMU.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_cri::v1::{ContainerState, PodSandboxState};
+use kuasar_tests::cleanup;
+use kuasar_tests::cri::text;
+use kuasar_tests::images::BUSYBOX_IMAGE;
+use kuasar_tests::{Harness, Pod, KUASAR_VMM_HANDLER};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The guest kernel's release, from the image `make guest` built.
+fn guest_kernel_release() -> Result<String> {
+    let boot = kuasar_tests::harness::guest_dir()?.join("kernel/boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .with_context(|| format!("cannot list {}", boot.display()))?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+        .find_map(|name| name.strip_prefix("vmlinuz-").map(str::to_string));
+    vmlinuz.with_context(|| format!("no vmlinuz-* in {}", boot.display()))
+}
+
+/// QEMU processes of the pod: its command line names the sandbox's VM directory.
+fn qemu_processes_of(pod: &Pod) -> Vec<(u32, String)> {
+    let prefix: String = pod.id.chars().take(16).collect();
+    cleanup::host_processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("qemu-system") && cmdline.contains(&prefix))
+        .collect()
+}
+
+#[tokio::test]
+async fn pod_runs_in_its_own_vm_with_logs_exec_and_exit_codes() -> Result<()> {
+    Harness::start_with_vmm_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("vm-0", KUASAR_VMM_HANDLER).await?;
+            let status = h.cri().pod_status(&pod.id).await?;
+            ensure!(
+                status.state == PodSandboxState::SandboxReady as i32,
+                "pod not ready: {status:?}"
+            );
+            let vms = qemu_processes_of(&pod);
+            ensure!(vms.len() == 1, "the pod should have one QEMU: {vms:?}");
+
+            // The container sees the guest's kernel, not the host's.
+            let kernel = h.container_config(
+                "kernel",
+                BUSYBOX_IMAGE,
+                &["sh", "-c", "uname -r; hostname; echo to stderr >&2; exit 3"],
+            );
+            let kernel_id = h.start_container(&pod, &kernel).await?;
+            let exited = h
+                .cri()
+                .wait_container_exited(&kernel_id, EXIT_TIMEOUT)
+                .await?;
+            let log = h.container_log(&pod, &kernel)?;
+            ensure!(
+                exited.exit_code == 3,
+                "exit code {} instead of 3; log {log:?}",
+                exited.exit_code
+            );
+            // stdout and stderr travel separately: their lines may interleave either way.
+            let lines: Vec<&str> = log.lines().collect();
+            let guest_release = guest_kernel_release()?;
+            ensure!(
+                lines.contains(&guest_release.as_str()),
+                "the container does not run on the guest's kernel {guest_release:?}: {log:?}"
+            );
+            let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+            ensure!(
+                !lines.contains(&host_release.trim()),
+                "the container sees the host's kernel: {log:?}"
+            );
+            ensure!(
+                lines.contains(&"vm-0"),
+                "hostname is not the pod's: {log:?}"
+            );
+            ensure!(lines.contains(&"to stderr"), "stderr not logged: {log:?}");
+
+            // A long-running container, exec'd into.
+            let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let sleeper_id = h.start_container(&pod, &sleeper).await?;
+            let running = h.cri().container_status(&sleeper_id).await?;
+            ensure!(
+                running.state == ContainerState::ContainerRunning as i32,
+                "sleeper not running: {running:?}"
+            );
+            let exec = h
+                .cri()
+                .exec_sync(
+                    &sleeper_id,
+                    &["sh", "-c", "echo out; echo err >&2; exit 5"],
+                    30,
+                )
+                .await?;
+            ensure!(
+                exec.exit_code == 5,
+                "exec exit code {}: {exec:?}",
+                exec.exit_code
+            );
+            ensure!(
+                text(&exec.stdout) == "out" && text(&exec.stderr) == "err",
+                "exec output {exec:?}"
+            );
+            // Files containerd prepared on the host reach the container.
+            let exec = h
+                .cri()
+                .exec_sync(&sleeper_id, &["cat", "/etc/hostname"], 30)
+                .await?;
+            ensure!(text(&exec.stdout) == "vm-0", "pod files: {exec:?}");
+
+            h.cri().stop_container(&sleeper_id, 10).await?;
+            let stopped = h.cri().container_status(&sleeper_id).await?;
+            ensure!(
+                stopped.state == ContainerState::ContainerExited as i32 && stopped.exit_code == 143,
+                "sleeper after stop: state {} exit code {}",
+                kuasar_tests::cri::state_name(stopped.state),
+                stopped.exit_code
+            );
+
+            h.cri().stop_pod(&pod.id).await?;
+            let status = h.cri().pod_status(&pod.id).await?;
+            ensure!(
+                status.state == PodSandboxState::SandboxNotready as i32,
+                "pod still ready after stop"
+            );
+            ensure!(qemu_processes_of(&pod).is_empty(), "QEMU outlived its pod");
+            h.remove_pod_and_check(&pod).await
+        })
+        .await
+}
+
+#[tokio::test]
+async fn missing_command_fails_clearly_and_the_pod_stays_ready() -> Result<()> {
+    Harness::start_with_vmm_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("vm-robust", KUASAR_VMM_HANDLER).await?;
+            let healthy = h.container_config("healthy", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let healthy_id = h.start_container(&pod, &healthy).await?;
+
+            let broken = h.container_config("broken", BUSYBOX_IMAGE, &["/no/such/binary"]);
+            let err = h
+                .start_container(&pod, &broken)
+                .await
+                .err()
+                .context("a container with a missing command started")?;
+            let message = format!("{err:#}");
+            ensure!(
+                message.contains("/no/such/binary"),
+                "error does not name the command: {message}"
+            );
+
+            let status = h.cri().pod_status(&pod.id).await?;
+            ensure!(
+                status.state == PodSandboxState::SandboxReady as i32,
+                "pod not ready after a failed container"
+            );
+            let running = h.cri().container_status(&healthy_id).await?;
+            ensure!(
+                running.state == ContainerState::ContainerRunning as i32,
+                "neighbour stopped: {running:?}"
+            );
+            let after =
+                h.container_config("after", BUSYBOX_IMAGE, &["sh", "-c", "echo still works"]);
+            let after_id = h.start_container(&pod, &after).await?;
+            let exited = h
+                .cri()
+                .wait_container_exited(&after_id, EXIT_TIMEOUT)
+                .await?;
+            ensure!(
+                exited.exit_code == 0,
+                "later container exit code {}",
+                exited.exit_code
+            );
+            let log = h.container_log(&pod, &after)?;
+            ensure!(log == "still works\n", "later container log {log:?}");
+
+            h.remove_pod_and_check(&pod).await
+        })
+        .await
+}

@@ -1,0 +1,654 @@
+//! Pods in microVMs: each pod's VM is booted when the pod starts, and every container
+//! operation is carried to the guest agent's Task API.
+//!
+//! The host keeps what containerd's requests name on the host: it shares each
+//! container's bundle into the guest ([`crate::share`]), carries stdio across
+//! ([`crate::stdio`]) and learns exits from the agent's `Wait`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use containerd_shim_protos::api::{
+    CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
+    ResumeRequest, StartRequest, StatsRequest, UpdateTaskRequest, WaitRequest,
+};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::shim_async::{Client, TaskClient};
+use kuasar_sandbox::error::{Error, Result};
+use kuasar_sandbox::io::Console;
+use kuasar_sandbox::reaper::{ExitReceiver, ExitStatus};
+use kuasar_sandbox::task::{
+    ContainerRuntime, CreateContainer, ExecProcess, KillTarget, PodContext, Spawned,
+};
+use tokio::sync::oneshot;
+use vmm_task::api::agent::{CheckRequest, SetupSandboxRequest, SyncClockRequest};
+use vmm_task::api::agent_ttrpc::AgentClient;
+
+use crate::config::VmmSection;
+use crate::hypervisor::qemu::Qemu;
+use crate::hypervisor::{Accelerator, Hypervisor, Share, VmSpec, VsockSpec};
+use crate::stdio::StdioPorts;
+
+/// The guest kernel's command line, tuned for boot time under emulation (see
+/// docs/architecture.md); the TSC frequency, the sandbox id and the configured
+/// parameters are added per VM.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check tsc=reliable \
+    8250.nr_uarts=1 random.trust_cpu=on mitigations=off cryptomgr.notests rodata=off \
+    lsm=lockdown,capability audit=0 pci=off initcall_blacklist=init_kprobe_trace,\
+    load_system_certificate_list,crypto_kdf108_init,init_zswap,init_ima,init_encrypted,\
+    init_blk_tracer";
+
+/// CRI's annotation naming a container's sandbox.
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Timeout of one agent request (but `Wait`, which lasts as long as the process).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long QEMU gets to quit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a KVM probe boot may take before `auto` settles on TCG.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exit code reported for a process whose exit the agent could not tell.
+const UNKNOWN_EXIT: i32 = 255;
+
+/// Length of the sandbox id prefix naming a VM's directory: unix socket paths inside it
+/// must stay short.
+const VM_DIR_NAME_LEN: usize = 16;
+
+/// Runs each pod in a VM and its containers through the VM's agent.
+pub struct VmRuntime {
+    settings: VmmSection,
+    /// One directory per VM: QEMU's sockets and logs, and the shared directory.
+    vms_dir: PathBuf,
+    /// The accelerator `auto` settled on, once probed.
+    accelerator: tokio::sync::Mutex<Option<Accelerator>>,
+    pods: Mutex<HashMap<String, Arc<Vm>>>,
+    /// The VM of each container.
+    containers: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+/// A pod's running VM.
+struct Vm {
+    id: String,
+    dir: PathBuf,
+    hypervisor: tokio::sync::Mutex<Qemu>,
+    tasks: TaskClient,
+    stdio: StdioPorts,
+    /// Exec ids by the guest pid the agent reported for them.
+    execs: Mutex<HashMap<u32, String>>,
+}
+
+impl Vm {
+    fn share_dir(&self) -> PathBuf {
+        share_dir(&self.dir)
+    }
+}
+
+fn share_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("share")
+}
+
+fn context() -> ttrpc::context::Context {
+    ttrpc::context::with_duration(AGENT_TIMEOUT)
+}
+
+/// The agent's error as the Task API reports it, with what was asked.
+fn agent_error(what: &str, err: ttrpc::Error) -> Error {
+    match err {
+        ttrpc::Error::RpcStatus(status) => {
+            let message = format!("{what}: {}", status.message());
+            match status.code() {
+                ttrpc::Code::NOT_FOUND => Error::NotFound(message),
+                ttrpc::Code::ALREADY_EXISTS => Error::AlreadyExists(message),
+                ttrpc::Code::INVALID_ARGUMENT => Error::InvalidArgument(message),
+                ttrpc::Code::FAILED_PRECONDITION => Error::FailedPrecondition(message),
+                ttrpc::Code::UNIMPLEMENTED => Error::Unimplemented(message),
+                _ => Error::internal(message),
+            }
+        }
+        other => Error::internal(format!("{what}: the guest agent did not answer: {other}")),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl VmRuntime {
+    /// VMs as `settings` describe them, their directories under `vms_dir`.
+    pub fn new(settings: VmmSection, vms_dir: PathBuf) -> anyhow::Result<Self> {
+        settings.validate()?;
+        std::fs::create_dir_all(&vms_dir)
+            .with_context(|| format!("create {}", vms_dir.display()))?;
+        let accelerator = match settings.accelerator {
+            Accelerator::Auto => None,
+            fixed => Some(fixed),
+        };
+        Ok(Self {
+            settings,
+            vms_dir,
+            accelerator: tokio::sync::Mutex::new(accelerator),
+            pods: Default::default(),
+            containers: Default::default(),
+        })
+    }
+
+    fn vm_dir(&self, sandbox_id: &str) -> PathBuf {
+        let name: String = sandbox_id.chars().take(VM_DIR_NAME_LEN).collect();
+        self.vms_dir.join(name)
+    }
+
+    fn vm_of(&self, container_id: &str) -> Result<Arc<Vm>> {
+        lock(&self.containers)
+            .get(container_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {container_id:?}")))
+    }
+
+    fn spec(&self, pod: &PodContext, dir: &Path, accelerator: Accelerator) -> VmSpec {
+        let settings = &self.settings;
+        let mut cmdline = format!(
+            "{GUEST_CMDLINE} tsc_early_khz={} {}={}",
+            host_tsc_khz(),
+            vmm_task::SANDBOX_PARAM,
+            pod.id
+        );
+        if !settings.kernel_params.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(settings.kernel_params.trim());
+        }
+        VmSpec {
+            id: pod.id.clone(),
+            kernel: settings.kernel.clone(),
+            initrd: settings.initrd.clone(),
+            cmdline,
+            memory_mib: settings.memory_mib,
+            vcpus: settings.vcpus,
+            accelerator,
+            run_dir: dir.to_path_buf(),
+            shares: vec![Share {
+                tag: vmm_task::SHARE_TAG.into(),
+                path: share_dir(dir),
+            }],
+            vsock: Some(VsockSpec::new(settings.vhost_vsock.clone())),
+        }
+    }
+
+    /// Boots a VM for `pod` and connects to its agent. A VM that fails is stopped.
+    async fn boot(
+        &self,
+        pod: &PodContext,
+        dir: &Path,
+        accelerator: Accelerator,
+        timeout: Duration,
+    ) -> anyhow::Result<(Qemu, Client)> {
+        let mut qemu = Qemu::new(
+            self.spec(pod, dir, accelerator),
+            self.settings.hypervisor.clone(),
+        );
+        qemu.start().await?;
+        let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
+        let connected = Arc::new(Mutex::new(None));
+        let slot = connected.clone();
+        let probe = Box::pin(async move {
+            let stream =
+                crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, timeout).await?;
+            let client = Client::new(ttrpc::r#async::transport::Socket::from(stream));
+            AgentClient::new(client.clone())
+                .check(context(), &CheckRequest::new())
+                .await
+                .context("the agent's health check")?;
+            *lock(&slot) = Some(client);
+            anyhow::Ok(())
+        });
+        qemu.wait_ready(probe, timeout).await?;
+        let client = lock(&connected)
+            .take()
+            .context("the agent connected but no client was kept")?;
+        Ok((qemu, client))
+    }
+
+    /// The accelerator for the next VM. `auto` boots the first pod's VM with KVM and, if
+    /// that guest does not come up, settles on TCG for this and every later VM.
+    async fn boot_resolving_accelerator(
+        &self,
+        pod: &PodContext,
+        dir: &Path,
+    ) -> anyhow::Result<(Qemu, Client)> {
+        let timeout = self.settings.boot_timeout();
+        let mut resolved = self.accelerator.lock().await;
+        if let Some(accelerator) = *resolved {
+            drop(resolved);
+            return self.boot(pod, dir, accelerator, timeout).await;
+        }
+        match self
+            .boot(pod, dir, Accelerator::Kvm, timeout.min(KVM_PROBE_TIMEOUT))
+            .await
+        {
+            Ok(booted) => {
+                tracing::info!("accelerator auto: KVM runs guests here");
+                *resolved = Some(Accelerator::Kvm);
+                Ok(booted)
+            }
+            Err(err) => {
+                tracing::warn!(error = format!("{err:#}"), "accelerator auto: KVM cannot run the guest, falling back to TCG (software emulation, slow)");
+                *resolved = Some(Accelerator::Tcg);
+                drop(resolved);
+                self.boot(pod, dir, Accelerator::Tcg, timeout).await
+            }
+        }
+    }
+
+    /// Removes what a VM left in `dir`: mounts first, then the files.
+    fn remove_vm_dir(dir: &Path) -> anyhow::Result<()> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        crate::share::unmount_below(dir)?;
+        crate::share::ensure_unmounted(dir)?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
+    }
+
+    /// Watches the exit of process `exec_id` (empty: the init) of `container_id`.
+    fn watch_exit(vm: &Arc<Vm>, container_id: &str, exec_id: &str) -> ExitReceiver {
+        let (sender, receiver) = oneshot::channel();
+        let tasks = vm.tasks.clone();
+        let request = WaitRequest {
+            id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let status = match tasks
+                .wait(ttrpc::context::Context::default(), &request)
+                .await
+            {
+                Ok(response) => ExitStatus {
+                    code: response.exit_status as i32,
+                    at: response
+                        .exited_at
+                        .as_ref()
+                        .map(|t| {
+                            SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
+                        })
+                        .unwrap_or_else(SystemTime::now),
+                },
+                Err(err) => {
+                    tracing::warn!(container_id = %request.id, exec_id = %request.exec_id, error = %err, "lost the agent while waiting for a process");
+                    ExitStatus::now(UNKNOWN_EXIT)
+                }
+            };
+            let _ = sender.send(status);
+        });
+        receiver
+    }
+}
+
+/// The container's sandbox id, from the CRI annotation in its spec.
+fn sandbox_of(bundle: &Path) -> Result<String> {
+    let file = bundle.join("config.json");
+    let spec: serde_json::Value = std::fs::read(&file)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
+        .map_err(|err| Error::InvalidArgument(format!("read {}: {err:#}", file.display())))?;
+    spec.pointer(&format!(
+        "/annotations/{}",
+        SANDBOX_ID_ANNOTATION.replace('/', "~1")
+    ))
+    .and_then(serde_json::Value::as_str)
+    .map(str::to_string)
+    .ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{} has no {SANDBOX_ID_ANNOTATION} annotation: the container's pod is unknown",
+            file.display()
+        ))
+    })
+}
+
+/// The host's TSC frequency in kHz, which an emulated guest cannot measure in time.
+fn host_tsc_khz() -> u64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|cpuinfo| {
+            cpuinfo
+                .lines()
+                .find(|line| line.starts_with("cpu MHz"))
+                .and_then(|line| line.split(':').nth(1))
+                .and_then(|mhz| mhz.trim().parse::<f64>().ok())
+        })
+        .map(|mhz| (mhz * 1000.0) as u64)
+        .unwrap_or(2_000_000)
+}
+
+/// Resolves when process `pid` ends, whoever reaps it.
+fn watch_process_end(pid: u32) -> anyhow::Result<ExitReceiver> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory of ours is involved.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open {pid}"));
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and always the same
+    // descriptor, until the AsyncFd is dropped.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|err| anyhow::anyhow!("watch the pidfd of {pid}: {err}"))?;
+    let (sender, receiver) = oneshot::channel();
+    tokio::spawn(async move {
+        // A pidfd becomes readable when its process terminates.
+        let _ = fd.readable().await;
+        let _ = sender.send(ExitStatus::now(UNKNOWN_EXIT));
+    });
+    Ok(receiver)
+}
+
+#[async_trait]
+impl ContainerRuntime for VmRuntime {
+    async fn create(&self, container: &CreateContainer) -> Result<Spawned> {
+        let id = &container.id;
+        let sandbox_id = sandbox_of(&container.bundle)?;
+        let vm = lock(&self.pods).get(&sandbox_id).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod {sandbox_id:?} of container {id:?} has no running VM"
+            ))
+        })?;
+        let share = vm.share_dir();
+        let bundle = crate::share::prepare(&share, id, &container.bundle, &container.rootfs)
+            .await
+            .map_err(|err| {
+                Error::Internal(
+                    err.context(format!("share container {id:?} with VM {sandbox_id:?}")),
+                )
+            })?;
+        let created = async {
+            let stdio = vm.stdio.bridge(&container.stdio).map_err(Error::Internal)?;
+            let request = CreateTaskRequest {
+                id: id.clone(),
+                bundle: bundle.display().to_string(),
+                terminal: stdio.terminal,
+                stdin: stdio.stdin,
+                stdout: stdio.stdout,
+                stderr: stdio.stderr,
+                ..Default::default()
+            };
+            vm.tasks.create(context(), &request).await.map_err(|err| {
+                agent_error(
+                    &format!("create container {id:?} in VM {sandbox_id:?}"),
+                    err,
+                )
+            })
+        }
+        .await;
+        let response = match created {
+            Ok(response) => response,
+            Err(err) => {
+                if let Err(cleanup) = crate::share::remove(&share, id) {
+                    tracing::warn!(container_id = %id, error = format!("{cleanup:#}"), "cannot unshare a container that failed");
+                }
+                return Err(err);
+            }
+        };
+        lock(&self.containers).insert(id.clone(), vm.clone());
+        tracing::info!(%sandbox_id, container_id = %id, guest_pid = response.pid, "container created in the VM");
+        Ok(Spawned {
+            pid: response.pid,
+            exit: Self::watch_exit(&vm, id, ""),
+            console: None,
+            oom: None,
+        })
+    }
+
+    async fn start(&self, id: &str) -> Result<Option<Console>> {
+        let vm = self.vm_of(id)?;
+        let request = StartRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        vm.tasks
+            .start(context(), &request)
+            .await
+            .map_err(|err| agent_error(&format!("start container {id:?}"), err))?;
+        Ok(None)
+    }
+
+    async fn exec(&self, process: &ExecProcess) -> Result<Spawned> {
+        let id = &process.container_id;
+        let vm = self.vm_of(id)?;
+        let spec = crate::share::guest_process(&process.spec)
+            .map_err(|err| Error::InvalidArgument(format!("{err:#}")))?;
+        let stdio = vm.stdio.bridge(&process.stdio).map_err(Error::Internal)?;
+        let request = ExecProcessRequest {
+            id: id.clone(),
+            exec_id: process.exec_id.clone(),
+            terminal: stdio.terminal,
+            stdin: stdio.stdin,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            spec: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                value: spec,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let what = format!("exec {:?} in container {id:?}", process.exec_id);
+        vm.tasks
+            .exec(context(), &request)
+            .await
+            .map_err(|err| agent_error(&what, err))?;
+        let start = StartRequest {
+            id: id.clone(),
+            exec_id: process.exec_id.clone(),
+            ..Default::default()
+        };
+        let started = vm
+            .tasks
+            .start(context(), &start)
+            .await
+            .map_err(|err| agent_error(&what, err))?;
+        lock(&vm.execs).insert(started.pid, process.exec_id.clone());
+        Ok(Spawned {
+            pid: started.pid,
+            exit: Self::watch_exit(&vm, id, &process.exec_id),
+            console: None,
+            oom: None,
+        })
+    }
+
+    async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let mut request = KillRequest {
+            id: id.to_string(),
+            signal,
+            ..Default::default()
+        };
+        match target {
+            KillTarget::Init { all } => request.all = all,
+            KillTarget::Exec(pid) => {
+                request.exec_id = lock(&vm.execs).get(&pid).cloned().ok_or_else(|| {
+                    Error::NotFound(format!("exec process {pid} of container {id:?}"))
+                })?;
+            }
+        }
+        vm.tasks
+            .kill(context(), &request)
+            .await
+            .map(drop)
+            .map_err(|err| agent_error(&format!("signal {signal} to container {id:?}"), err))
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let request = DeleteRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        match vm.tasks.delete(context(), &request).await {
+            Ok(_) => {}
+            Err(err) => match agent_error(&format!("delete container {id:?}"), err) {
+                Error::NotFound(_) => {}
+                err => return Err(err),
+            },
+        }
+        crate::share::remove(&vm.share_dir(), id).map_err(Error::Internal)?;
+        lock(&self.containers).remove(id);
+        Ok(())
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let request = PauseRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        vm.tasks
+            .pause(context(), &request)
+            .await
+            .map(drop)
+            .map_err(|err| agent_error(&format!("pause container {id:?}"), err))
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let request = ResumeRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        vm.tasks
+            .resume(context(), &request)
+            .await
+            .map(drop)
+            .map_err(|err| agent_error(&format!("resume container {id:?}"), err))
+    }
+
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let request = UpdateTaskRequest {
+            id: id.to_string(),
+            resources: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: resources.to_vec(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        vm.tasks
+            .update(context(), &request)
+            .await
+            .map(drop)
+            .map_err(|err| agent_error(&format!("update container {id:?}"), err))
+    }
+
+    async fn stats(&self, id: &str) -> Result<Any> {
+        let vm = self.vm_of(id)?;
+        let request = StatsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let response = vm
+            .tasks
+            .stats(context(), &request)
+            .await
+            .map_err(|err| agent_error(&format!("stats of container {id:?}"), err))?;
+        Ok(response.stats.into_option().unwrap_or_default())
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let vm = self.vm_of(id)?;
+        let request = PidsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let response = vm
+            .tasks
+            .pids(context(), &request)
+            .await
+            .map_err(|err| agent_error(&format!("processes of container {id:?}"), err))?;
+        Ok(response.processes.iter().map(|p| p.pid).collect())
+    }
+
+    async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
+        let missing = self.settings.missing_image_files();
+        if !missing.is_empty() {
+            return Err(Error::internal(format!(
+                "the guest image is incomplete: missing {} (build it with `make guest`)",
+                missing.join(", ")
+            )));
+        }
+        let dir = self.vm_dir(&pod.id);
+        // A directory left by a sandboxer that died belongs to no running VM now.
+        Self::remove_vm_dir(&dir).map_err(Error::Internal)?;
+        std::fs::create_dir_all(share_dir(&dir))
+            .with_context(|| format!("create {}", dir.display()))?;
+
+        let (qemu, client) = self
+            .boot_resolving_accelerator(pod, &dir)
+            .await
+            .map_err(|err| {
+                Error::Internal(err.context(format!("boot the VM of pod {:?}", pod.id)))
+            })?;
+        let pid = qemu.pid().context("QEMU has no pid")?;
+        let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
+        let vm = Arc::new(Vm {
+            id: pod.id.clone(),
+            dir: dir.clone(),
+            hypervisor: tokio::sync::Mutex::new(qemu),
+            tasks: TaskClient::new(client.clone()),
+            stdio: StdioPorts::new(uds),
+            execs: Default::default(),
+        });
+        lock(&self.pods).insert(pod.id.clone(), vm.clone());
+
+        let agent = AgentClient::new(client);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let clock = SyncClockRequest {
+            host_time_ns: now.as_nanos() as i64,
+            ..Default::default()
+        };
+        agent
+            .sync_clock(context(), &clock)
+            .await
+            .map_err(|err| agent_error("set the guest clock", err))?;
+        let setup = SetupSandboxRequest {
+            sandbox_id: pod.id.clone(),
+            hostname: pod.hostname.clone(),
+            ..Default::default()
+        };
+        agent
+            .setup_sandbox(context(), &setup)
+            .await
+            .map_err(|err| agent_error("set up the guest", err))?;
+        tracing::info!(sandbox_id = %pod.id, pid, "VM running, agent answering");
+        watch_process_end(pid).map(Some).map_err(Error::Internal)
+    }
+
+    async fn stop_pod(&self, id: &str) -> Result<()> {
+        let vm = lock(&self.pods).remove(id);
+        if let Some(vm) = &vm {
+            lock(&self.containers).retain(|_, v| !Arc::ptr_eq(v, vm));
+            vm.hypervisor
+                .lock()
+                .await
+                .stop(STOP_GRACE)
+                .await
+                .map_err(|err| {
+                    Error::Internal(err.context(format!("stop the VM of pod {id:?}")))
+                })?;
+            tracing::info!(sandbox_id = %vm.id, "VM stopped");
+        }
+        Self::remove_vm_dir(&self.vm_dir(id)).map_err(Error::Internal)
+    }
+}

@@ -1,0 +1,203 @@
+//! Container stdio inside the guest: each stream the host addresses as
+//! `vsock://<cid>:<port>` becomes a FIFO the container runtime writes to or reads from,
+//! and a thread copying between that FIFO and a vsock connection to the host.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use kuasar_sandbox::io::{Console, Stdio};
+use kuasar_sandbox::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Spawned};
+use kuasar_sandbox::{Error, Result};
+use nix::sys::stat::Mode;
+use vsock::{VsockAddr, VsockStream};
+
+/// A [`ContainerRuntime`] whose processes' stdio reaches the host over vsock.
+pub struct GuestRuntime<R> {
+    inner: R,
+    /// Where the FIFOs of each container live, in a directory per container.
+    io_dir: PathBuf,
+}
+
+/// Which way a stream flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// From the host into the process (stdin).
+    In,
+    /// From the process to the host (stdout, stderr).
+    Out,
+}
+
+impl<R: ContainerRuntime> GuestRuntime<R> {
+    /// Wraps `inner`, keeping FIFOs under `io_dir`.
+    pub fn new(inner: R, io_dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&io_dir).with_context(|| format!("create {}", io_dir.display()))?;
+        Ok(Self { inner, io_dir })
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.io_dir.join(id)
+    }
+
+    /// Replaces each vsock address of `stdio` with a FIFO bridged to it. Connections are
+    /// made before this returns, so a host that is not listening fails the request.
+    async fn bridge(&self, container_id: &str, process: &str, stdio: &Stdio) -> Result<Stdio> {
+        let dir = self.container_dir(container_id);
+        let process = process.to_string();
+        let stdio = stdio.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Stdio> {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            let mut bridged = stdio.clone();
+            for (name, address, direction, slot) in [
+                ("stdin", &stdio.stdin, Direction::In, &mut bridged.stdin),
+                ("stdout", &stdio.stdout, Direction::Out, &mut bridged.stdout),
+                ("stderr", &stdio.stderr, Direction::Out, &mut bridged.stderr),
+            ] {
+                if address.is_empty() {
+                    continue;
+                }
+                let fifo = dir.join(format!("{process}-{name}"));
+                bridge_stream(address, &fifo, direction)
+                    .with_context(|| format!("{name} of {process} to {address}"))?;
+                *slot = fifo.display().to_string();
+            }
+            Ok(bridged)
+        })
+        .await
+        .map_err(|err| Error::Internal(anyhow::anyhow!("stdio bridge task: {err}")))?
+        .map_err(Error::Internal)
+    }
+
+    /// Ends the copies still waiting for their process, then removes the container's FIFOs.
+    fn remove_fifos(&self, id: &str) {
+        let dir = self.container_dir(id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            release(&entry.path());
+        }
+        if let Err(err) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(container_id = %id, error = %err, "cannot remove stdio FIFOs");
+        }
+    }
+}
+
+/// Creates `fifo` and starts copying between it and a new connection to `address`.
+fn bridge_stream(address: &str, fifo: &Path, direction: Direction) -> anyhow::Result<()> {
+    let (cid, port) = vmm_task::stdio::parse(address)
+        .with_context(|| format!("{address:?} is not a vsock://<cid>:<port> address"))?;
+    match nix::unistd::mkfifo(fifo, Mode::from_bits_truncate(0o600)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(err) => return Err(err).with_context(|| format!("create FIFO {}", fifo.display())),
+    }
+    let stream = VsockStream::connect(&VsockAddr::new(cid, port))
+        .with_context(|| format!("connect to vsock {cid}:{port}"))?;
+    let fifo = fifo.to_path_buf();
+    std::thread::Builder::new()
+        .name(format!("stdio-{port}"))
+        .spawn(move || {
+            // Opening blocks until the runtime opens the other end.
+            let result = match direction {
+                Direction::Out => File::open(&fifo).map(|mut from| copy(&mut from, &mut &stream)),
+                Direction::In => OpenOptions::new()
+                    .write(true)
+                    .open(&fifo)
+                    .map(|mut to| copy(&mut &stream, &mut to)),
+            };
+            if let Err(err) = result {
+                tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open FIFO");
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        })
+        .context("start stdio copy")?;
+    Ok(())
+}
+
+fn copy(from: &mut impl Read, to: &mut impl Write) {
+    let mut buffer = [0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Unblocks a copy thread still waiting to open `fifo`: a non-blocking open of the other
+/// end succeeds only while somebody waits, and closing it at once ends the copy.
+fn release(fifo: &Path) {
+    for write in [true, false] {
+        let _ = OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo);
+    }
+}
+
+#[async_trait]
+impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
+    async fn create(&self, container: &CreateContainer) -> Result<Spawned> {
+        let mut container = container.clone();
+        container.stdio = self.bridge(&container.id, "init", &container.stdio).await?;
+        let created = self.inner.create(&container).await;
+        if created.is_err() {
+            self.remove_fifos(&container.id);
+        }
+        created
+    }
+
+    async fn start(&self, id: &str) -> Result<Option<Console>> {
+        self.inner.start(id).await
+    }
+
+    async fn exec(&self, process: &ExecProcess) -> Result<Spawned> {
+        let mut process = process.clone();
+        let name = format!("exec-{}", process.exec_id);
+        process.stdio = self
+            .bridge(&process.container_id, &name, &process.stdio)
+            .await?;
+        self.inner.exec(&process).await
+    }
+
+    async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()> {
+        self.inner.kill(id, target, signal).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        self.inner.delete(id).await?;
+        self.remove_fifos(id);
+        Ok(())
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.inner.pause(id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.inner.resume(id).await
+    }
+
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        self.inner.update(id, resources).await
+    }
+
+    async fn stats(&self, id: &str) -> Result<Any> {
+        self.inner.stats(id).await
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.inner.pids(id).await
+    }
+}
