@@ -1,7 +1,8 @@
-//! Boots the guest image `make guest` builds in a QEMU microVM with a vsock device (served
-//! by the `vhost-device-vsock` that `scripts/setup.sh` unpacks, or the one named by
-//! `KUASAR_VHOST_VSOCK`), waits for the guest to report ready on the agent's
-//! virtio-serial port, stops the VM and checks that none of its processes is left.
+//! Boots the test guest image `make guest` builds (`initramfs-test.cpio`, whose shell
+//! init only reports readiness) in a QEMU microVM with a vsock device (served by the
+//! `vhost-device-vsock` that `scripts/setup.sh` unpacks, or the one named by
+//! `KUASAR_VHOST_VSOCK`), waits for the guest to report ready on the virtio-serial
+//! port, stops the VM and checks that none of its processes is left.
 //!
 //! `cargo run -p vmm-sandboxer --example boot -- [tcg|kvm] [timeout-seconds] [keep]`
 //!
@@ -18,15 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use vmm_sandboxer::hypervisor::qemu::Qemu;
 use vmm_sandboxer::hypervisor::{Accelerator, BootError, Hypervisor, VmSpec, VsockSpec};
-
-/// The kernel command line tuned for boot time under emulation (see
-/// docs/architecture.md); the host's TSC frequency is added, without which an emulated
-/// guest hangs.
-const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check tsc=reliable \
-    8250.nr_uarts=1 random.trust_cpu=on mitigations=off cryptomgr.notests rodata=off \
-    lsm=lockdown,capability audit=0 pci=off initcall_blacklist=init_kprobe_trace,\
-    load_system_certificate_list,crypto_kdf108_init,init_zswap,init_ima,init_encrypted,\
-    init_blk_tracer";
+use vmm_sandboxer::runtime::{host_tsc_khz, GUEST_CMDLINE};
 
 /// What the guest's init writes once it is up.
 const READY_LINE: &str = "KUASAR-GUEST-READY";
@@ -69,11 +62,11 @@ async fn main() -> anyhow::Result<()> {
     let vhost_vsock = vhost_vsock_binary(&cache)?;
     let run_dir = std::env::temp_dir().join(format!("kuasar-boot-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
-    let khz = tsc_khz().unwrap_or(2_000_000);
+    let khz = host_tsc_khz();
     let spec = VmSpec {
         id: "boot".into(),
         kernel: guest.join("vmlinux"),
-        initrd: guest.join("initramfs.cpio"),
+        initrd: guest.join("initramfs-test.cpio"),
         cmdline: format!("{GUEST_CMDLINE} tsc_early_khz={khz}"),
         memory_mib: 256,
         vcpus: 1,
@@ -153,18 +146,4 @@ fn vhost_vsock_binary(cache: &Path) -> anyhow::Result<PathBuf> {
                 cache.display()
             )
         })
-}
-
-/// The host's TSC frequency in kHz, which a guest under emulation needs to be told.
-fn tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
 }

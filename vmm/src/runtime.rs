@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -60,6 +60,26 @@ const UNKNOWN_EXIT: i32 = 255;
 /// Length of the sandbox id prefix naming a VM's directory: unix socket paths inside it
 /// must stay short.
 const VM_DIR_NAME_LEN: usize = 16;
+
+/// A VM whose agent answered.
+struct Booted {
+    qemu: Qemu,
+    client: Client,
+    times: BootTimes,
+}
+
+/// Where a VM's boot time went, for the pod's start log line.
+#[derive(Debug, Clone, Copy)]
+struct BootTimes {
+    /// From the start of the boot until QEMU was spawned (its vsock backend included).
+    spawn: Duration,
+    /// From the start of the boot until the agent answered its health check.
+    agent_answered: Duration,
+    /// The guest kernel's boot until it ran the agent (guest uptime at the agent's start).
+    kernel_to_init: Duration,
+    /// Guest uptime when the agent answered: the agent's own start-up is the difference.
+    guest_uptime: Duration,
+}
 
 /// Runs each pod in a VM and its containers through the VM's agent.
 pub struct VmRuntime {
@@ -189,12 +209,14 @@ impl VmRuntime {
         dir: &Path,
         accelerator: Accelerator,
         timeout: Duration,
-    ) -> anyhow::Result<(Qemu, Client)> {
+    ) -> anyhow::Result<Booted> {
+        let began = Instant::now();
         let mut qemu = Qemu::new(
             self.spec(pod, dir, accelerator),
             self.settings.hypervisor.clone(),
         );
         qemu.start().await?;
+        let spawned = began.elapsed();
         let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
         let connected = Arc::new(Mutex::new(None));
         let slot = connected.clone();
@@ -202,18 +224,29 @@ impl VmRuntime {
             let stream =
                 crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, timeout).await?;
             let client = Client::new(ttrpc::r#async::transport::Socket::from(stream));
-            AgentClient::new(client.clone())
+            let check = AgentClient::new(client.clone())
                 .check(context(), &CheckRequest::new())
                 .await
                 .context("the agent's health check")?;
-            *lock(&slot) = Some(client);
+            *lock(&slot) = Some((client, check));
             anyhow::Ok(())
         });
         qemu.wait_ready(probe, timeout).await?;
-        let client = lock(&connected)
+        let answered = began.elapsed();
+        let (client, check) = lock(&connected)
             .take()
             .context("the agent connected but no client was kept")?;
-        Ok((qemu, client))
+        let times = BootTimes {
+            spawn: spawned,
+            agent_answered: answered,
+            kernel_to_init: Duration::from_millis(check.started_at_uptime_ms),
+            guest_uptime: Duration::from_millis(check.uptime_ms),
+        };
+        Ok(Booted {
+            qemu,
+            client,
+            times,
+        })
     }
 
     /// The accelerator for the next VM. `auto` boots the first pod's VM with KVM and, if
@@ -222,7 +255,7 @@ impl VmRuntime {
         &self,
         pod: &PodContext,
         dir: &Path,
-    ) -> anyhow::Result<(Qemu, Client)> {
+    ) -> anyhow::Result<Booted> {
         let timeout = self.settings.boot_timeout();
         let mut resolved = self.accelerator.lock().await;
         if let Some(accelerator) = *resolved {
@@ -314,7 +347,7 @@ fn sandbox_of(bundle: &Path) -> Result<String> {
 }
 
 /// The host's TSC frequency in kHz, which an emulated guest cannot measure in time.
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|cpuinfo| {
@@ -592,7 +625,12 @@ impl ContainerRuntime for VmRuntime {
         std::fs::create_dir_all(share_dir(&dir))
             .with_context(|| format!("create {}", dir.display()))?;
 
-        let (qemu, client) = self
+        let began = Instant::now();
+        let Booted {
+            qemu,
+            client,
+            times,
+        } = self
             .boot_resolving_accelerator(pod, &dir)
             .await
             .map_err(|err| {
@@ -631,7 +669,17 @@ impl ContainerRuntime for VmRuntime {
             .setup_sandbox(context(), &setup)
             .await
             .map_err(|err| agent_error("set up the guest", err))?;
-        tracing::info!(sandbox_id = %pod.id, pid, "VM running, agent answering");
+        let total = began.elapsed();
+        tracing::info!(
+            sandbox_id = %pod.id,
+            pid,
+            start_ms = total.as_millis() as u64,
+            qemu_spawn_ms = times.spawn.as_millis() as u64,
+            agent_answered_ms = times.agent_answered.as_millis() as u64,
+            kernel_to_agent_ms = times.kernel_to_init.as_millis() as u64,
+            guest_uptime_ms = times.guest_uptime.as_millis() as u64,
+            "VM running, agent answering"
+        );
         watch_process_end(pid).map(Some).map_err(Error::Internal)
     }
 

@@ -26,6 +26,7 @@ use crate::service::AgentService;
 const STATE_DIR: &str = "/run/kuasar";
 
 fn main() {
+    let started_at_uptime_ms = service::uptime_ms().unwrap_or_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KUASAR_AGENT_LOG")
@@ -50,7 +51,7 @@ fn main() {
         .enable_all()
         .build()
         .context("start the async runtime")
-        .and_then(|runtime| runtime.block_on(serve(&sandbox_id)));
+        .and_then(|runtime| runtime.block_on(serve(&sandbox_id, started_at_uptime_ms)));
     if let Err(err) = result {
         tracing::error!(error = format!("{err:#}"), "the agent stopped");
     }
@@ -62,7 +63,7 @@ fn main() {
     std::process::exit(1);
 }
 
-async fn serve(sandbox_id: &str) -> anyhow::Result<()> {
+async fn serve(sandbox_id: &str, started_at_uptime_ms: u64) -> anyhow::Result<()> {
     kuasar_sandbox::reaper::start().context("start reaping child processes")?;
     let state = PathBuf::from(STATE_DIR);
     let engine = OciEngine {
@@ -87,7 +88,9 @@ async fn serve(sandbox_id: &str) -> anyhow::Result<()> {
         .bind(&address)
         .with_context(|| format!("listen on {address}"))?
         .register_service(create_task(tasks))
-        .register_service(create_agent(Arc::new(AgentService)));
+        .register_service(create_agent(Arc::new(AgentService::new(
+            started_at_uptime_ms,
+        ))));
     server
         .start()
         .await

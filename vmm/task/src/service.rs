@@ -11,8 +11,25 @@ use vmm_task::api::agent::{
 use vmm_task::api::agent_ttrpc::Agent;
 
 /// Serves [`Agent`].
-#[derive(Debug, Default)]
-pub struct AgentService;
+#[derive(Debug)]
+pub struct AgentService {
+    /// The guest's uptime when the agent started, in milliseconds.
+    started_at_uptime_ms: u64,
+}
+
+impl AgentService {
+    /// The service of an agent that started at guest uptime `started_at_uptime_ms`.
+    pub fn new(started_at_uptime_ms: u64) -> Self {
+        Self {
+            started_at_uptime_ms,
+        }
+    }
+}
+
+/// The guest's uptime in milliseconds.
+pub fn uptime_ms() -> nix::Result<u64> {
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map(|t| (nanos(t) / 1_000_000) as u64)
+}
 
 fn internal(what: &str, err: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(
@@ -32,11 +49,11 @@ fn nanos(time: TimeSpec) -> i64 {
 #[async_trait]
 impl Agent for AgentService {
     async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
-        let uptime =
-            clock_gettime(ClockId::CLOCK_BOOTTIME).map_err(|e| internal("read uptime", e))?;
+        let uptime = uptime_ms().map_err(|e| internal("read uptime", e))?;
         Ok(CheckResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_ms: (nanos(uptime) / 1_000_000) as u64,
+            uptime_ms: uptime,
+            started_at_uptime_ms: self.started_at_uptime_ms,
             ..Default::default()
         })
     }
