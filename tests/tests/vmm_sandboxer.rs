@@ -9,7 +9,7 @@ use k8s_cri::v1::{ContainerState, PodSandboxState};
 use kuasar_tests::cleanup;
 use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
-use kuasar_tests::{Harness, Pod, KUASAR_VMM_HANDLER};
+use kuasar_tests::{Harness, HarnessOptions, Pod, KUASAR_RUNC_HANDLER, KUASAR_VMM_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -184,4 +184,78 @@ async fn missing_command_fails_clearly_and_the_pod_stays_ready() -> Result<()> {
             h.remove_pod_and_check(&pod).await
         })
         .await
+}
+
+#[tokio::test]
+async fn the_vm_answers_on_the_pod_ip() -> Result<()> {
+    Harness::start_with(HarnessOptions {
+        sandboxer: true,
+        vmm_sandboxer: true,
+        ..Default::default()
+    })
+    .await?
+    .run(async |h: &Harness| {
+        let pod = h.run_pod("vm-web", KUASAR_VMM_HANDLER).await?;
+        let ip = h
+            .cri()
+            .pod_status(&pod.id)
+            .await?
+            .network
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        ensure!(!ip.is_empty(), "the VM pod has no IP");
+
+        let server = h.container_config(
+            "server",
+            BUSYBOX_IMAGE,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo hello from the vm > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ],
+        );
+        let server_id = h.start_container(&pod, &server).await?;
+        let addresses = h
+            .cri()
+            .exec_sync(&server_id, &["ip", "-4", "addr", "show"], 30)
+            .await?;
+        ensure!(
+            text(&addresses.stdout).contains(&format!("inet {ip}/")),
+            "the guest does not hold the pod IP {ip}: {addresses:?}"
+        );
+
+        // A client in a runc pod on the same network reaches the server in the VM.
+        let client_pod = h.run_pod("vm-client", KUASAR_RUNC_HANDLER).await?;
+        // busybox's wget crashes resolving through glibc's NSS in a static binary: the
+        // request goes through nc.
+        let url = format!("http://{ip}:8080/index.html");
+        let request =
+            format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080");
+        let client = h.container_config("client", BUSYBOX_IMAGE, &["sleep", "3600"]);
+        let client_id = h.start_container(&client_pod, &client).await?;
+        let mut fetched = None;
+        for _ in 0..50 {
+            let got = h
+                .cri()
+                .exec_sync(&client_id, &["sh", "-c", &request], 30)
+                .await?;
+            if got.exit_code == 0 && !got.stdout.is_empty() {
+                fetched = Some(got);
+                break;
+            }
+            // The server may still be starting.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let fetched = fetched.with_context(|| format!("{url} never answered"))?;
+        let answer = text(&fetched.stdout);
+        ensure!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\nhello from the vm"),
+            "unexpected answer from {url}: {answer:?}"
+        );
+
+        h.cri().stop_pod(&client_pod.id).await?;
+        h.cri().remove_pod(&client_pod.id).await?;
+        h.remove_pod_and_check(&pod).await
+    })
+    .await
 }

@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         run_dir: run_dir.clone(),
         shares: Vec::new(),
         vsock: Some(VsockSpec::new(vhost_vsock)),
+        network: None,
     };
     let booted = boot(spec, timeout).await;
     if keep {

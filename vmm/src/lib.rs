@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod hypervisor;
+pub mod network;
 pub mod runtime;
 pub mod share;
 pub mod stdio;

@@ -25,12 +25,13 @@ use kuasar_sandbox::task::{
     ContainerRuntime, CreateContainer, ExecProcess, KillTarget, PodContext, Spawned,
 };
 use tokio::sync::oneshot;
-use vmm_task::api::agent::{CheckRequest, SetupSandboxRequest, SyncClockRequest};
+use vmm_task::api::agent::{CheckRequest, Interface, Route, SetupSandboxRequest, SyncClockRequest};
 use vmm_task::api::agent_ttrpc::AgentClient;
 
 use crate::config::VmmSection;
 use crate::hypervisor::qemu::Qemu;
-use crate::hypervisor::{Accelerator, Hypervisor, Share, VmSpec, VsockSpec};
+use crate::hypervisor::{Accelerator, Hypervisor, NetworkSpec, Share, VmSpec, VsockSpec};
+use crate::network::{self, PodNetwork};
 use crate::stdio::StdioPorts;
 
 /// The guest kernel's command line, tuned for boot time under emulation (see
@@ -60,6 +61,12 @@ const UNKNOWN_EXIT: i32 = 255;
 /// Length of the sandbox id prefix naming a VM's directory: unix socket paths inside it
 /// must stay short.
 const VM_DIR_NAME_LEN: usize = 16;
+
+/// The pod's network namespace and what the VM takes over of it.
+struct PodNet {
+    netns: PathBuf,
+    network: PodNetwork,
+}
 
 /// A VM whose agent answered.
 struct Booted {
@@ -97,6 +104,9 @@ pub struct VmRuntime {
 struct Vm {
     id: String,
     dir: PathBuf,
+    /// The pod's network namespace and the interface the VM took over.
+    netns: PathBuf,
+    interface: String,
     hypervisor: tokio::sync::Mutex<Qemu>,
     tasks: TaskClient,
     stdio: StdioPorts,
@@ -173,7 +183,7 @@ impl VmRuntime {
             .ok_or_else(|| Error::NotFound(format!("container {container_id:?}")))
     }
 
-    fn spec(&self, pod: &PodContext, dir: &Path, accelerator: Accelerator) -> VmSpec {
+    fn spec(&self, pod: &PodContext, net: &PodNet, dir: &Path, accelerator: Accelerator) -> VmSpec {
         let settings = &self.settings;
         let mut cmdline = format!(
             "{GUEST_CMDLINE} tsc_early_khz={} {}={}",
@@ -199,6 +209,11 @@ impl VmRuntime {
                 path: share_dir(dir),
             }],
             vsock: Some(VsockSpec::new(settings.vhost_vsock.clone())),
+            network: Some(NetworkSpec {
+                netns: net.netns.clone(),
+                tap: network::TAP.into(),
+                mac: net.network.interface.mac.clone(),
+            }),
         }
     }
 
@@ -206,17 +221,25 @@ impl VmRuntime {
     async fn boot(
         &self,
         pod: &PodContext,
+        net: &PodNet,
         dir: &Path,
         accelerator: Accelerator,
         timeout: Duration,
     ) -> anyhow::Result<Booted> {
         let began = Instant::now();
         let mut qemu = Qemu::new(
-            self.spec(pod, dir, accelerator),
+            self.spec(pod, net, dir, accelerator),
             self.settings.hypervisor.clone(),
         );
         qemu.start().await?;
         let spawned = began.elapsed();
+        // While the guest boots.
+        if let Err(err) = network::connect_tap(&net.netns, &net.network.interface).await {
+            if let Err(stop) = qemu.stop(STOP_GRACE).await {
+                tracing::warn!(sandbox_id = %pod.id, error = format!("{stop:#}"), "cannot stop a VM whose network failed");
+            }
+            return Err(err.context("connect the VM to the pod's network"));
+        }
         let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
         let connected = Arc::new(Mutex::new(None));
         let slot = connected.clone();
@@ -254,16 +277,23 @@ impl VmRuntime {
     async fn boot_resolving_accelerator(
         &self,
         pod: &PodContext,
+        net: &PodNet,
         dir: &Path,
     ) -> anyhow::Result<Booted> {
         let timeout = self.settings.boot_timeout();
         let mut resolved = self.accelerator.lock().await;
         if let Some(accelerator) = *resolved {
             drop(resolved);
-            return self.boot(pod, dir, accelerator, timeout).await;
+            return self.boot(pod, net, dir, accelerator, timeout).await;
         }
         match self
-            .boot(pod, dir, Accelerator::Kvm, timeout.min(KVM_PROBE_TIMEOUT))
+            .boot(
+                pod,
+                net,
+                dir,
+                Accelerator::Kvm,
+                timeout.min(KVM_PROBE_TIMEOUT),
+            )
             .await
         {
             Ok(booted) => {
@@ -275,7 +305,7 @@ impl VmRuntime {
                 tracing::warn!(error = format!("{err:#}"), "accelerator auto: KVM cannot run the guest, falling back to TCG (software emulation, slow)");
                 *resolved = Some(Accelerator::Tcg);
                 drop(resolved);
-                self.boot(pod, dir, Accelerator::Tcg, timeout).await
+                self.boot(pod, net, dir, Accelerator::Tcg, timeout).await
             }
         }
     }
@@ -619,6 +649,17 @@ impl ContainerRuntime for VmRuntime {
                 missing.join(", ")
             )));
         }
+        let Some(netns) = pod.netns.clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "pod {:?} asks for the host's network, which a VM cannot share: \
+                 run host-network pods with another runtime handler",
+                pod.id
+            )));
+        };
+        let network = network::inspect(&netns).await.map_err(|err| {
+            Error::Internal(err.context(format!("read the network of pod {:?}", pod.id)))
+        })?;
+        let net = PodNet { netns, network };
         let dir = self.vm_dir(&pod.id);
         // A directory left by a sandboxer that died belongs to no running VM now.
         Self::remove_vm_dir(&dir).map_err(Error::Internal)?;
@@ -631,7 +672,7 @@ impl ContainerRuntime for VmRuntime {
             client,
             times,
         } = self
-            .boot_resolving_accelerator(pod, &dir)
+            .boot_resolving_accelerator(pod, &net, &dir)
             .await
             .map_err(|err| {
                 Error::Internal(err.context(format!("boot the VM of pod {:?}", pod.id)))
@@ -641,6 +682,8 @@ impl ContainerRuntime for VmRuntime {
         let vm = Arc::new(Vm {
             id: pod.id.clone(),
             dir: dir.clone(),
+            netns: net.netns.clone(),
+            interface: net.network.interface.name.clone(),
             hypervisor: tokio::sync::Mutex::new(qemu),
             tasks: TaskClient::new(client.clone()),
             stdio: StdioPorts::new(uds),
@@ -660,9 +703,26 @@ impl ContainerRuntime for VmRuntime {
             .sync_clock(context(), &clock)
             .await
             .map_err(|err| agent_error("set the guest clock", err))?;
+        let interface = &net.network.interface;
         let setup = SetupSandboxRequest {
             sandbox_id: pod.id.clone(),
             hostname: pod.hostname.clone(),
+            interfaces: vec![Interface {
+                mac: interface.mac.clone(),
+                addresses: interface.addresses.clone(),
+                mtu: interface.mtu,
+                ..Default::default()
+            }],
+            routes: net
+                .network
+                .routes
+                .iter()
+                .map(|route| Route {
+                    destination: route.destination.clone(),
+                    gateway: route.gateway.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         agent
@@ -695,6 +755,7 @@ impl ContainerRuntime for VmRuntime {
                 .map_err(|err| {
                     Error::Internal(err.context(format!("stop the VM of pod {id:?}")))
                 })?;
+            network::disconnect(&vm.netns, &vm.interface).await;
             tracing::info!(sandbox_id = %vm.id, "VM stopped");
         }
         Self::remove_vm_dir(&self.vm_dir(id)).map_err(Error::Internal)

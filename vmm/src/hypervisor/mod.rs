@@ -60,6 +60,18 @@ impl VsockSpec {
     }
 }
 
+/// The VM's network card: a tap device in the pod's network namespace, which the
+/// hypervisor runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    /// The pod's network namespace (a path such as `/var/run/netns/cni-…`).
+    pub netns: PathBuf,
+    /// Name of the tap device the hypervisor creates there.
+    pub tap: String,
+    /// The card's MAC address as the guest sees it.
+    pub mac: String,
+}
+
 /// What a VM is made of.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -84,6 +96,8 @@ pub struct VmSpec {
     pub shares: Vec<Share>,
     /// The vsock device, if the VM has one.
     pub vsock: Option<VsockSpec>,
+    /// The network card, if the VM has one.
+    pub network: Option<NetworkSpec>,
 }
 
 /// Why a guest never became ready.

@@ -38,6 +38,9 @@ const MEMORY_ID: &str = "mem";
 /// The id of the vhost-user chardev of the vsock device.
 const VSOCK_CHARDEV: &str = "vsock";
 
+/// QEMU's id of the network card's backend.
+const NET_ID: &str = "net0";
+
 /// Where `vhost-device-vsock`'s output goes, in the VM's run directory.
 const VSOCK_LOG: &str = "vhost-vsock.log";
 
@@ -378,6 +381,26 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Makes `command` run in the network namespace at `netns`, where QEMU creates its tap.
+fn enter_netns_on_exec(command: &mut Command, netns: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let namespace =
+        File::open(netns).with_context(|| format!("open network namespace {}", netns.display()))?;
+    // SAFETY: between fork and exec the closure only calls setns(2), which is
+    // async-signal-safe, on a descriptor the closure owns; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// QEMU's command line for `spec`.
 pub fn command_line(spec: &VmSpec) -> Vec<String> {
     let run = |name: &str| spec.run_dir.join(name).display().to_string();
@@ -450,6 +473,17 @@ pub fn command_line(spec: &VmSpec) -> Vec<String> {
             format!("vhost-user-vsock-device,chardev={VSOCK_CHARDEV}"),
         ]);
     }
+    if let Some(network) = &spec.network {
+        args.extend([
+            "-netdev".to_string(),
+            format!(
+                "tap,id={NET_ID},ifname={},script=no,downscript=no",
+                network.tap
+            ),
+            "-device".to_string(),
+            format!("virtio-net-device,netdev={NET_ID},mac={}", network.mac),
+        ]);
+    }
     for (n, share) in spec.shares.iter().enumerate() {
         args.extend([
             "-fsdev".to_string(),
@@ -502,6 +536,9 @@ impl Hypervisor for Qemu {
                     .stdin(Stdio::null())
                     .stdout(log.try_clone().context("duplicate the QEMU log")?)
                     .stderr(log);
+                if let Some(network) = &self.spec.network {
+                    enter_netns_on_exec(&mut command, &network.netns)?;
+                }
                 Process::spawn(&mut command)
                     .with_context(|| format!("start {}", self.binary.display()))
             });
@@ -647,6 +684,7 @@ mod tests {
                 path: "/run/vm/pod1/share".into(),
             }],
             vsock: None,
+            network: None,
         }
     }
 
