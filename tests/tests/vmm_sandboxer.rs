@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use k8s_cri::v1::{ContainerState, PodSandboxState};
+use k8s_cri::v1::{
+    ContainerState, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxState,
+};
 use kuasar_tests::cleanup;
 use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
@@ -258,4 +260,40 @@ async fn the_vm_answers_on_the_pod_ip() -> Result<()> {
         h.remove_pod_and_check(&pod).await
     })
     .await
+}
+
+#[tokio::test]
+async fn host_network_pods_are_refused_naming_the_reason() -> Result<()> {
+    Harness::start_with_vmm_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let mut config = h.pod_config("vm-host-net")?;
+            config
+                .linux
+                .get_or_insert_default()
+                .security_context
+                .get_or_insert_with(LinuxSandboxSecurityContext::default)
+                .namespace_options = Some(NamespaceOption {
+                network: NamespaceMode::Node as i32,
+                ..Default::default()
+            });
+            let err = h
+                .cri()
+                .run_pod(&config, KUASAR_VMM_HANDLER)
+                .await
+                .err()
+                .context("a host-network pod started in a VM")?;
+            let message = format!("{err:#}");
+            ensure!(
+                message.contains("host's network"),
+                "the error does not say why: {message}"
+            );
+            // containerd keeps the failed pod's record; nothing of it runs.
+            for pod in h.cri().list_pods().await? {
+                h.cri().remove_pod(&pod.id).await?;
+            }
+            // The refused pod's cgroup goes once its namespace holder is reaped.
+            h.wait_for_no_leftovers(Duration::from_secs(5)).await
+        })
+        .await
 }
