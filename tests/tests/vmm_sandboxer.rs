@@ -11,6 +11,7 @@ use k8s_cri::v1::{
 use kuasar_tests::cleanup;
 use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
+use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
 use kuasar_tests::{Harness, HarnessOptions, Pod, KUASAR_RUNC_HANDLER, KUASAR_VMM_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -294,6 +295,47 @@ async fn host_network_pods_are_refused_naming_the_reason() -> Result<()> {
             }
             // The refused pod's cgroup goes once its namespace holder is reaped.
             h.wait_for_no_leftovers(Duration::from_secs(5)).await
+        })
+        .await
+}
+
+#[tokio::test]
+async fn interactive_exec_with_a_terminal_in_the_vm() -> Result<()> {
+    Harness::start_with_vmm_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("vm-term", KUASAR_VMM_HANDLER).await?;
+            let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let shell_id = h.start_container(&pod, &shell).await?;
+
+            // What `crictl exec -it <id> sh` does: CRI Exec, then the streaming session.
+            let TerminalSession { output, status } = exec_on_terminal(
+                h.cri(),
+                &shell_id,
+                &["sh"],
+                (100, 30),
+                b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+                EXIT_TIMEOUT,
+            )
+            .await?;
+            ensure!(
+                output.contains("/dev/pts/"),
+                "no terminal in the exec: {output:?}"
+            );
+            ensure!(
+                output.contains("30 100"),
+                "terminal size not applied: {output:?}"
+            );
+            ensure!(
+                output.contains("tty-ok-42"),
+                "command output missing: {output:?}"
+            );
+            ensure!(
+                status.contains("NonZeroExitCode") && status.contains("\"3\""),
+                "exit status {status:?}"
+            );
+
+            h.remove_pod_and_check(&pod).await
         })
         .await
 }

@@ -14,7 +14,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use containerd_shim_protos::api::{
     CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
-    ResumeRequest, StartRequest, StatsRequest, UpdateTaskRequest, WaitRequest,
+    ResizePtyRequest, ResumeRequest, StartRequest, StatsRequest, UpdateTaskRequest, WaitRequest,
 };
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::{Client, TaskClient};
@@ -639,6 +639,22 @@ impl ContainerRuntime for VmRuntime {
             .await
             .map_err(|err| agent_error(&format!("processes of container {id:?}"), err))?;
         Ok(response.processes.iter().map(|p| p.pid).collect())
+    }
+
+    async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let vm = self.vm_of(id)?;
+        let request = ResizePtyRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+            ..Default::default()
+        };
+        vm.tasks
+            .resize_pty(context(), &request)
+            .await
+            .map(drop)
+            .map_err(|err| agent_error(&format!("resize the terminal of container {id:?}"), err))
     }
 
     async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {

@@ -129,6 +129,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Host pids of the processes in a container.
     async fn pids(&self, id: &str) -> Result<Vec<u32>>;
 
+    /// Resizes the terminal of process `exec_id` (empty: the init) of container `id`,
+    /// for runtimes that keep a process's terminal themselves rather than handing its
+    /// [`Console`] over.
+    async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let _ = (exec_id, width, height);
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "process of container {id:?} has no terminal"
+        )))
+    }
+
     /// Starts what the family runs for a whole pod once its namespaces are held (an
     /// application kernel, say), before any container. The receiver, if any, delivers
     /// that process's exit, which ends the pod. Families without one keep this default.

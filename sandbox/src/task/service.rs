@@ -765,11 +765,19 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
                     .process
                     .as_ref()
             };
-            process.and_then(|p| p.console.clone())
+            process.map(|p| (p.console.clone(), p.stdio.terminal))
         };
         match console {
-            Some(console) => console.resize(req.width, req.height).map_err(Error::from)?,
-            None => {
+            Some((Some(console), _)) => {
+                console.resize(req.width, req.height).map_err(Error::from)?
+            }
+            // The terminal is the runtime's own (inside a VM, say).
+            Some((None, true)) => {
+                self.runtime
+                    .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+                    .await?
+            }
+            _ => {
                 return Err(Error::FailedPrecondition(format!(
                     "process of container {:?} has no terminal",
                     req.id
