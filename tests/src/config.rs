@@ -246,15 +246,25 @@ pub fn sandboxer_config(layout: &Layout) -> String {
 
 /// The vmm sandboxer's configuration file: the guest image in `guest_dir`, software
 /// emulation (KVM here cannot run stock kernels), a boot timeout that allows for a
-/// loaded machine.
-pub fn vmm_sandboxer_config(layout: &Layout, guest_dir: &Path, vhost_vsock: &Path) -> String {
+/// loaded machine, then the `[vmm]` lines of `settings`, which replace any of these.
+pub fn vmm_sandboxer_config(
+    layout: &Layout,
+    guest_dir: &Path,
+    vhost_vsock: &Path,
+    settings: &str,
+) -> String {
     let s = |p: &Path| quote(&p.to_string_lossy());
-    let family = format!(
-        "\n[vmm]\nkernel = {kernel}\ninitrd = {initrd}\nvhost_vsock = {vhost}\naccelerator = \"tcg\"\nboot_timeout_secs = 60\n",
+    let mut table: toml::Table = format!(
+        "kernel = {kernel}\ninitrd = {initrd}\nvhost_vsock = {vhost}\naccelerator = \"tcg\"\nboot_timeout_secs = 60\n",
         kernel = s(&guest_dir.join("vmlinux")),
         initrd = s(&guest_dir.join("initramfs.cpio")),
         vhost = s(vhost_vsock),
-    );
+    )
+    .parse()
+    .expect("the harness's own [vmm] settings are TOML");
+    let overrides: toml::Table = settings.parse().expect("vmm_settings must be TOML lines");
+    table.extend(overrides);
+    let family = format!("\n[vmm]\n{table}");
     sandboxer_file(
         layout,
         &layout.vmm_socket,

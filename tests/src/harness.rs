@@ -234,6 +234,9 @@ pub struct HarnessOptions {
     pub quark_sandboxer_config: Option<QuarkSettings>,
     /// Start the vmm sandboxer too: pods can run on [`KUASAR_VMM_HANDLER`].
     pub vmm_sandboxer: bool,
+    /// Further `[vmm]` settings (TOML lines) for the vmm sandboxer; later keys win over
+    /// the harness's own.
+    pub vmm_settings: Option<String>,
 }
 
 /// The quark sandboxer's own settings, its `[quark]` table.
@@ -711,7 +714,12 @@ impl Harness {
         if options.vmm_sandboxer {
             write_file(
                 &layout.vmm_config,
-                &config::vmm_sandboxer_config(&layout, &guest_dir()?, &vhost_vsock_binary()?),
+                &config::vmm_sandboxer_config(
+                    &layout,
+                    &guest_dir()?,
+                    &vhost_vsock_binary()?,
+                    options.vmm_settings.as_deref().unwrap_or_default(),
+                ),
             )?;
             let mut command = Command::new(vmm_sandboxer_binary()?);
             command.arg("--config").arg(&layout.vmm_config);

@@ -339,3 +339,68 @@ async fn interactive_exec_with_a_terminal_in_the_vm() -> Result<()> {
         })
         .await
 }
+
+/// Runs a pod on a vmm sandboxer configured with `settings`, expects RunPodSandbox to
+/// fail, and returns its error after checking that nothing of the pod is left.
+async fn failed_pod_start(settings: &str) -> Result<String> {
+    Harness::start_with(HarnessOptions {
+        vmm_sandboxer: true,
+        vmm_settings: Some(settings.to_string()),
+        ..Default::default()
+    })
+    .await?
+    .run(async |h: &Harness| {
+        let started = std::time::Instant::now();
+        let err = h
+            .run_pod("vm-broken", KUASAR_VMM_HANDLER)
+            .await
+            .err()
+            .context("the pod started")?;
+        eprintln!("RunPodSandbox failed after {:?}", started.elapsed());
+        for pod in h.cri().list_pods().await? {
+            h.cri().remove_pod(&pod.id).await?;
+        }
+        h.wait_for_no_leftovers(Duration::from_secs(10)).await?;
+        Ok(format!("{err:#}"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_missing_guest_image_fails_the_pod_naming_the_file() -> Result<()> {
+    let message = failed_pod_start("kernel = \"/nonexistent/vmlinux\"").await?;
+    ensure!(
+        message.contains("/nonexistent/vmlinux") && message.contains("make guest"),
+        "the error does not name the missing kernel: {message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_guest_that_cannot_boot_fails_the_pod_with_its_console() -> Result<()> {
+    // Not an initramfs: the kernel finds no init, panics, and QEMU exits.
+    let initrd = std::env::temp_dir().join(format!("kuasar-bad-initrd-{}", std::process::id()));
+    std::fs::write(&initrd, "not an initramfs\n")?;
+    let result = failed_pod_start(&format!("initrd = {:?}", initrd.display().to_string())).await;
+    std::fs::remove_file(&initrd)?;
+    let message = result?;
+    ensure!(
+        message.contains("exited") && message.contains("before its guest was ready"),
+        "the error does not say that the VM ended: {message}"
+    );
+    ensure!(
+        message.contains("init"),
+        "the error does not quote the guest's complaint about init: {message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_guest_slower_than_the_boot_timeout_fails_the_pod() -> Result<()> {
+    let message = failed_pod_start("boot_timeout_secs = 1").await?;
+    ensure!(
+        message.contains("not ready within 1s"),
+        "the error does not name the timeout: {message}"
+    );
+    Ok(())
+}

@@ -244,8 +244,9 @@ impl VmRuntime {
         let connected = Arc::new(Mutex::new(None));
         let slot = connected.clone();
         let probe = Box::pin(async move {
+            // The boot's own watch reports a timeout; the probe outlasts it.
             let stream =
-                crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, timeout).await?;
+                crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, timeout * 2).await?;
             let client = Client::new(ttrpc::r#async::transport::Socket::from(stream));
             let check = AgentClient::new(client.clone())
                 .check(context(), &CheckRequest::new())

@@ -24,15 +24,15 @@ const MAX_ANSWER: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The backend's socket could not be reached or the handshake broke off.
-    #[error("hybrid vsock {uds}: cannot reach guest port {port}: {source}")]
+    // The cause is part of the message, not a source: `{:#}` would print it twice.
+    #[error("hybrid vsock {uds}: cannot reach guest port {port}: {error}")]
     Io {
         /// The backend's socket.
         uds: PathBuf,
         /// The guest port.
         port: u32,
         /// What failed.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The stream closed before an answer: the guest refused (nothing listens on the port).
     #[error(
@@ -132,10 +132,10 @@ pub fn listener_path(uds: &Path, port: u32) -> PathBuf {
 
 /// One attempt: connect, send `CONNECT`, read the answer line.
 async fn handshake(uds: &Path, port: u32) -> Result<UnixStream, ConnectError> {
-    let io = |source| ConnectError::Io {
+    let io = |error| ConnectError::Io {
         uds: uds.to_path_buf(),
         port,
-        source,
+        error,
     };
     let mut stream = UnixStream::connect(uds).await.map_err(io)?;
     stream

@@ -575,18 +575,19 @@ impl Hypervisor for Qemu {
                     };
                     // A probe fails when its channel breaks, most often because QEMU died.
                     if let Some(code) = self.wait_exit(EXIT_GRACE).await {
-                        return Err(BootError::Exited { id, code, output: self.output_tail() });
+                        break BootError::Exited { id, code, output: self.output_tail() };
                     }
                     break BootError::Control { id, source };
                 }
                 _ = tokio::time::sleep(STATUS_INTERVAL) => {}
             }
+            // The VM's other processes (the vsock backend) still have to go.
             if let Some(code) = self.wait_exit(Duration::ZERO).await {
-                return Err(BootError::Exited {
+                break BootError::Exited {
                     id,
                     code,
                     output: self.output_tail(),
-                });
+                };
             }
             // The socket appears a moment after QEMU starts; until then the state is unknown.
             if qmp.is_none() {
