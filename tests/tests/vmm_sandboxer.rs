@@ -404,3 +404,31 @@ async fn a_guest_slower_than_the_boot_timeout_fails_the_pod() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn accelerator_auto_runs_the_pod_on_what_works() -> Result<()> {
+    Harness::start_with(HarnessOptions {
+        vmm_sandboxer: true,
+        vmm_settings: Some("accelerator = \"auto\"".to_string()),
+        ..Default::default()
+    })
+    .await?
+    .run(async |h: &Harness| {
+        // KVM here cannot run the guest: the probe fails and the pod runs under TCG. On a
+        // host where KVM works the pod runs on KVM.
+        let pod = h.run_pod("vm-auto", KUASAR_VMM_HANDLER).await?;
+        let hello = h.container_config("hello", BUSYBOX_IMAGE, &["echo", "hello"]);
+        let hello_id = h.start_container(&pod, &hello).await?;
+        h.cri()
+            .wait_container_exited(&hello_id, EXIT_TIMEOUT)
+            .await?;
+        ensure!(h.container_log(&pod, &hello)? == "hello\n", "no output");
+        let log = std::fs::read_to_string(&h.layout().vmm_log)?;
+        ensure!(
+            log.contains("accelerator auto:"),
+            "the sandboxer does not say which accelerator it settled on"
+        );
+        h.remove_pod_and_check(&pod).await
+    })
+    .await
+}
