@@ -20,7 +20,8 @@ test: setup guest
 
 # Each family against its baseline on one containerd, on release builds: the runc sandboxer
 # against containerd's runc shim, the wasm sandboxer against the runc sandboxer, the quark
-# sandboxer against containerd's runc shim driving runsc. Arguments go through BENCH_ARGS,
+# sandboxer against containerd's runc shim driving runsc, and the vmm sandboxer's pod start,
+# container start and memory per VM pod (needs make guest). Arguments go through BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--iterations 20 --only wasm".
 BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BENCH_ARGS ?=
@@ -30,6 +31,7 @@ bench: setup
 	KUASAR_RUNC_SANDBOXER=$(BENCH_TARGET_DIR)/release/runc-sandboxer \
 	KUASAR_WASM_SANDBOXER=$(BENCH_TARGET_DIR)/release/wasm-sandboxer \
 	KUASAR_QUARK_SANDBOXER=$(BENCH_TARGET_DIR)/release/quark-sandboxer \
+	KUASAR_VMM_SANDBOXER=$(BENCH_TARGET_DIR)/release/vmm-sandboxer \
 		$(BENCH_TARGET_DIR)/release/kuasar-bench $(BENCH_ARGS)
 
 lint:

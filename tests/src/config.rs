@@ -246,7 +246,7 @@ pub fn sandboxer_config(layout: &Layout) -> String {
 
 /// The vmm sandboxer's configuration file: the guest image in `guest_dir`, software
 /// emulation (KVM here cannot run stock kernels), a boot timeout that allows for a
-/// loaded machine, then the `[vmm]` lines of `settings`, which replace any of these.
+/// loaded machine and still ends before the CRI client's 60 s, then the `[vmm]` lines of `settings`, which replace any of these.
 pub fn vmm_sandboxer_config(
     layout: &Layout,
     guest_dir: &Path,
@@ -255,7 +255,7 @@ pub fn vmm_sandboxer_config(
 ) -> String {
     let s = |p: &Path| quote(&p.to_string_lossy());
     let mut table: toml::Table = format!(
-        "kernel = {kernel}\ninitrd = {initrd}\nvhost_vsock = {vhost}\naccelerator = \"tcg\"\nboot_timeout_secs = 60\n",
+        "kernel = {kernel}\ninitrd = {initrd}\nvhost_vsock = {vhost}\naccelerator = \"tcg\"\nboot_timeout_secs = 40\n",
         kernel = s(&guest_dir.join("vmlinux")),
         initrd = s(&guest_dir.join("initramfs.cpio")),
         vhost = s(vhost_vsock),

@@ -17,6 +17,9 @@ use tokio::net::UnixStream;
 /// How long to wait between attempts to reach a guest port that is not listening yet.
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
+/// How long one `CONNECT` may wait for its answer before it is tried again.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The longest answer to `CONNECT` that is read before it is called garbled.
 const MAX_ANSWER: usize = 64;
 
@@ -89,8 +92,9 @@ pub async fn connect(uds: &Path, port: u32) -> anyhow::Result<UnixStream> {
 /// Connects to guest port `port` through `uds`, trying again while the backend or the
 /// guest's listener is not up yet, until `timeout` has passed.
 ///
-/// An attempt lasts until the backend answers: before the guest's vsock driver is up it
-/// holds the request, so the last attempt may end by the timeout.
+/// An attempt lasts until the backend answers, at most [`ATTEMPT_TIMEOUT`]: before the
+/// guest's vsock driver is up the backend holds the request, and a request it lost
+/// would otherwise hold the whole boot.
 pub async fn connect_with_retry(
     uds: &Path,
     port: u32,
@@ -100,7 +104,8 @@ pub async fn connect_with_retry(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let last = match tokio::time::timeout_at(deadline, handshake(uds, port)).await {
+        let attempt_deadline = deadline.min(tokio::time::Instant::now() + ATTEMPT_TIMEOUT);
+        let last = match tokio::time::timeout_at(attempt_deadline, handshake(uds, port)).await {
             Ok(Ok(stream)) => {
                 tracing::debug!(uds = %uds.display(), port, attempts, "guest port reached");
                 return Ok(stream);

@@ -125,7 +125,7 @@ pub enum BootError {
     },
     /// Neither ready nor failed within the boot timeout.
     #[error(
-        "the guest of VM {id:?} was not ready within {timeout:?} (hypervisor status {status:?})"
+        "the guest of VM {id:?} was not ready within {timeout:?} (hypervisor status {status:?}): {output}"
     )]
     TimedOut {
         /// The VM.
@@ -134,6 +134,8 @@ pub enum BootError {
         timeout: Duration,
         /// The hypervisor's run state at the timeout.
         status: String,
+        /// The end of the hypervisor's output and of the guest console.
+        output: String,
     },
     /// Talking to the hypervisor failed.
     #[error("VM {id:?}: {source:#}")]

@@ -607,6 +607,7 @@ impl Hypervisor for Qemu {
                     id,
                     timeout,
                     status,
+                    output: self.output_tail(),
                 };
             }
         };

@@ -117,8 +117,14 @@ fn mount_share() -> anyhow::Result<()> {
     .with_context(|| format!("mount 9p tag {:?} at {target}", vmm_task::SHARE_TAG))
 }
 
+/// Runs before the reaper starts, so a plain child wait is safe here.
 fn loopback_up() -> anyhow::Result<()> {
-    crate::net::run_ip(&["link", "set", "lo", "up"])
+    let status = std::process::Command::new("/bin/busybox")
+        .args(["ip", "link", "set", "lo", "up"])
+        .status()
+        .context("run /bin/busybox ip")?;
+    anyhow::ensure!(status.success(), "ip link set lo up: {status}");
+    Ok(())
 }
 
 /// The value of `name=value` on the kernel command line.

@@ -8,14 +8,15 @@ use vmm_task::api::agent::{Interface, Route};
 
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Runs `ip ARGS`, failing with its error output.
-pub fn run_ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(BUSYBOX)
-        .arg("ip")
-        .args(args)
-        .output()
+/// Runs `ip ARGS`, failing with its error output. The child goes through the reaper,
+/// which collects every child of the agent.
+pub async fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    let mut command = Command::new(BUSYBOX);
+    command.arg("ip").args(args);
+    let output = kuasar_sandbox::reaper::output(&mut command)
+        .await
         .with_context(|| format!("run {BUSYBOX} ip"))?;
-    if !output.status.success() {
+    if output.status.code != 0 {
         bail!(
             "ip {}: {}",
             args.join(" "),
@@ -39,19 +40,19 @@ fn device_with_mac(mac: &str) -> anyhow::Result<String> {
 }
 
 /// Brings up `interface` with its addresses.
-pub fn configure(interface: &Interface) -> anyhow::Result<()> {
+pub async fn configure(interface: &Interface) -> anyhow::Result<()> {
     let device = device_with_mac(&interface.mac)?;
     if interface.mtu > 0 {
-        run_ip(&["link", "set", &device, "mtu", &interface.mtu.to_string()])?;
+        run_ip(&["link", "set", &device, "mtu", &interface.mtu.to_string()]).await?;
     }
     for address in &interface.addresses {
-        run_ip(&["addr", "add", address, "dev", &device])?;
+        run_ip(&["addr", "add", address, "dev", &device]).await?;
     }
-    run_ip(&["link", "set", &device, "up"])
+    run_ip(&["link", "set", &device, "up"]).await
 }
 
 /// Adds `route`.
-pub fn add_route(route: &Route) -> anyhow::Result<()> {
+pub async fn add_route(route: &Route) -> anyhow::Result<()> {
     let destination = if route.destination.is_empty() {
         "default"
     } else {
@@ -61,5 +62,5 @@ pub fn add_route(route: &Route) -> anyhow::Result<()> {
     if !route.gateway.is_empty() {
         args.extend(["via", route.gateway.as_str()]);
     }
-    run_ip(&args)
+    run_ip(&args).await
 }

@@ -100,7 +100,7 @@ impl Agent for AgentService {
                 .map_err(|e| internal("write /etc/resolv.conf", e))?;
         }
         for interface in &req.interfaces {
-            crate::net::configure(interface).map_err(|e| {
+            crate::net::configure(interface).await.map_err(|e| {
                 internal(
                     &format!("configure interface {}", interface.mac),
                     format!("{e:#}"),
@@ -108,7 +108,9 @@ impl Agent for AgentService {
             })?;
         }
         for route in &req.routes {
-            crate::net::add_route(route).map_err(|e| internal("add route", format!("{e:#}")))?;
+            crate::net::add_route(route)
+                .await
+                .map_err(|e| internal("add route", format!("{e:#}")))?;
         }
         tracing::info!(sandbox_id = %req.sandbox_id, hostname = %req.hostname, interfaces = req.interfaces.len(), "guest set up for the pod");
         Ok(SetupSandboxResponse::default())

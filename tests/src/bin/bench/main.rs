@@ -7,7 +7,9 @@
 //! - the wasm sandboxer against the runc sandboxer: start latency with a cold and a warm
 //!   module cache, per-pod memory and container start throughput;
 //! - the quark sandboxer against containerd's runc shim driving runsc: start latency and
-//!   per-pod memory.
+//!   per-pod memory;
+//! - the vmm sandboxer: where a microVM pod's start time goes, container start in a running
+//!   VM next to the runc sandboxer, and host memory per VM pod.
 //!
 //! Needs root, like the end-to-end tests; prints a table and never fails on a missed target.
 
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 mod quark;
 mod runc;
+mod vmm;
 mod wasm;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -34,19 +37,22 @@ const SHIM_BINARY: &str = "containerd-shim-runc-v2";
 /// First argument of the sandboxer's namespace holders.
 const HOLDER_COMMAND: &str = "hold-namespaces";
 
-const USAGE: &str = "usage: kuasar-bench [--iterations N] [--pods K] [--rounds R] [--warmup W] \
-[--burst B] [--only SECTIONS]
+const USAGE: &str = "usage: kuasar-bench [--iterations N] [--vm-iterations N] [--pods K] \
+[--rounds R] [--warmup W] [--burst B] [--only SECTIONS]
 
-  --iterations N  start latency samples per handler (default 10)
-  --pods K        pods running at once for the memory measurement (default 5)
-  --rounds R      memory and throughput measurements per handler (default 3)
-  --warmup W      unmeasured pod starts per handler before the latency runs (default 1)
-  --burst B       containers started at once in the throughput measurement (default 50)
-  --only SECTIONS comma-separated sections to run: runc, wasm, quark (default all)
+  --iterations N    start latency samples per handler (default 10)
+  --vm-iterations N start latency samples per handler in the vmm section (default 5)
+  --pods K          pods running at once for the memory measurement (default 5; the vmm
+                    section runs at most 3 VMs at once)
+  --rounds R        memory and throughput measurements per handler (default 3)
+  --warmup W        unmeasured pod starts per handler before the latency runs (default 1)
+  --burst B         containers started at once in the throughput measurement (default 50)
+  --only SECTIONS   comma-separated sections to run: runc, wasm, quark, vmm (default all)
 
 Runs as root against a private containerd; the sandboxer binaries are taken from
-KUASAR_RUNC_SANDBOXER, KUASAR_WASM_SANDBOXER and KUASAR_QUARK_SANDBOXER (else
-target/debug), runsc from KUASAR_RUNSC (else the one scripts/setup.sh unpacked).";
+KUASAR_RUNC_SANDBOXER, KUASAR_WASM_SANDBOXER, KUASAR_QUARK_SANDBOXER and
+KUASAR_VMM_SANDBOXER (else target/debug), runsc from KUASAR_RUNSC (else the one
+scripts/setup.sh unpacked), the guest image from KUASAR_GUEST_DIR (else .cache/guest).";
 
 /// The benchmark's sections, each comparing one family with its baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,17 +63,20 @@ enum Section {
     Wasm,
     /// quark sandboxer against containerd's runc shim driving runsc.
     Quark,
+    /// vmm sandboxer: its pods' start and memory, next to the runc sandboxer.
+    Vmm,
 }
 
 impl Section {
-    const ALL: [Self; 3] = [Self::Runc, Self::Wasm, Self::Quark];
+    const ALL: [Self; 4] = [Self::Runc, Self::Wasm, Self::Quark, Self::Vmm];
 
     fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "runc" => Self::Runc,
             "wasm" => Self::Wasm,
             "quark" => Self::Quark,
-            other => bail!("unknown section {other:?} (runc, wasm or quark)"),
+            "vmm" => Self::Vmm,
+            other => bail!("unknown section {other:?} (runc, wasm, quark or vmm)"),
         })
     }
 }
@@ -75,6 +84,7 @@ impl Section {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Options {
     iterations: usize,
+    vm_iterations: usize,
     pods: usize,
     rounds: usize,
     warmup: usize,
@@ -86,6 +96,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             iterations: 10,
+            vm_iterations: 5,
             pods: 5,
             rounds: 3,
             warmup: 1,
@@ -119,6 +130,7 @@ impl Options {
             let slot = match flag {
                 "-h" | "--help" => return Ok(None),
                 "--iterations" => &mut options.iterations,
+                "--vm-iterations" => &mut options.vm_iterations,
                 "--pods" => &mut options.pods,
                 "--rounds" => &mut options.rounds,
                 "--warmup" => &mut options.warmup,
@@ -138,6 +150,7 @@ impl Options {
         }
         for (flag, value) in [
             ("--iterations", options.iterations),
+            ("--vm-iterations", options.vm_iterations),
             ("--pods", options.pods),
             ("--rounds", options.rounds),
             ("--burst", options.burst),
@@ -397,18 +410,21 @@ async fn expect_clean(h: &Harness, after: &str) -> Result<()> {
 async fn bench(options: Options) -> Result<()> {
     let wants = |section| options.sections.contains(&section);
     let harness = Harness::start_with(HarnessOptions {
-        sandboxer: wants(Section::Runc) || wants(Section::Wasm),
+        sandboxer: wants(Section::Runc) || wants(Section::Wasm) || wants(Section::Vmm),
         wasm_sandboxer: wants(Section::Wasm),
         quark_sandboxer: wants(Section::Quark),
+        vmm_sandboxer: wants(Section::Vmm),
         ..Default::default()
     })
     .await?;
     eprintln!(
-        "benchmark run in {} (sandboxer pids: runc {:?}, wasm {:?}, quark {:?}; containerd pid {:?})",
+        "benchmark run in {} (sandboxer pids: runc {:?}, wasm {:?}, quark {:?}, vmm {:?}; \
+         containerd pid {:?})",
         harness.layout().run_dir.display(),
         harness.sandboxer_pid(),
         harness.wasm_sandboxer_pid(),
         harness.quark_sandboxer_pid(),
+        harness.vmm_sandboxer_pid(),
         harness.containerd_pid()
     );
     harness
@@ -436,6 +452,13 @@ async fn bench(options: Options) -> Result<()> {
                     let memory = quark::measure_memory(h, &options).await?;
                     quark::print_memory(&memory, &options);
                     expect_clean(h, "the quark sections").await?;
+                }
+                if wants(Section::Vmm) {
+                    let latency = vmm::measure_latency(h, &options).await?;
+                    vmm::print_latency(&latency, &options);
+                    let memory = vmm::measure_memory(h, &options).await?;
+                    vmm::print_memory(&memory, &options);
+                    expect_clean(h, "the vmm sections").await?;
                 }
                 Ok(())
             };
@@ -498,6 +521,7 @@ mod tests {
             parsed,
             Options {
                 iterations: 4,
+                vm_iterations: 5,
                 pods: 2,
                 rounds: 1,
                 warmup: 1,
@@ -513,7 +537,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(parsed.sections, [Section::Quark, Section::Runc]);
-        assert!(Options::parse(&args(&["--only", "vmm"])).is_err());
+        let parsed = Options::parse(&args(&["--only", "vmm", "--vm-iterations=2"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.sections, [Section::Vmm]);
+        assert_eq!(parsed.vm_iterations, 2);
+        assert!(Options::parse(&args(&["--only", "kvm"])).is_err());
+        assert!(Options::parse(&args(&["--vm-iterations", "0"])).is_err());
         let parsed = Options::parse(&args(&["--burst", "7"])).unwrap().unwrap();
         assert_eq!(parsed.burst, 7);
         assert!(Options::parse(&args(&["--burst", "0"])).is_err());
