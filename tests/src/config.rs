@@ -265,11 +265,13 @@ pub fn vmm_sandboxer_config(
     let overrides: toml::Table = settings.parse().expect("vmm_settings must be TOML lines");
     table.extend(overrides);
     let family = format!("\n[vmm]\n{table}");
+    // Every attempt to reach the guest agent, for a boot that never gets there.
+    let log_level = format!("{LOG_LEVEL},vmm_sandboxer::vsock=trace");
     sandboxer_file(
         layout,
         &layout.vmm_socket,
         &layout.vmm_state,
-        LOG_LEVEL,
+        &log_level,
         &family,
     )
 }

@@ -596,6 +596,7 @@ impl Harness {
             ("runc-sandboxer", &self.layout.sandboxer_log),
             ("wasm-sandboxer", &self.layout.wasm_log),
             ("quark-sandboxer", &self.layout.quark_log),
+            ("vmm-sandboxer", &self.layout.vmm_log),
         ] {
             if let Ok(tail) = log_tail(path, LOG_TAIL_LINES) {
                 eprintln!(

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +25,8 @@ use kuasar_sandbox::reaper::{ExitReceiver, ExitStatus};
 use kuasar_sandbox::task::{
     ContainerRuntime, CreateContainer, ExecProcess, KillTarget, PodContext, Spawned,
 };
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::sync::oneshot;
 use vmm_task::api::agent::{CheckRequest, Interface, Route, SetupSandboxRequest, SyncClockRequest};
 use vmm_task::api::agent_ttrpc::AgentClient;
@@ -112,11 +115,17 @@ struct Vm {
     stdio: StdioPorts,
     /// Exec ids by the guest pid the agent reported for them.
     execs: Mutex<HashMap<u32, String>>,
+    /// Set once QEMU has ended: the guest and every process in it are gone.
+    gone: AtomicBool,
 }
 
 impl Vm {
     fn share_dir(&self) -> PathBuf {
         share_dir(&self.dir)
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
     }
 }
 
@@ -241,9 +250,11 @@ impl VmRuntime {
             return Err(err.context("connect the VM to the pod's network"));
         }
         let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
+        let serial = qemu.agent_address();
         let connected = Arc::new(Mutex::new(None));
         let slot = connected.clone();
         let probe = Box::pin(async move {
+            agent_announced(&serial).await?;
             // The boot's own watch reports a timeout; the probe outlasts it.
             let stream =
                 crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, timeout * 2).await?;
@@ -356,6 +367,34 @@ impl VmRuntime {
     }
 }
 
+/// Waits until the agent writes its ready line on the VM's virtio-serial port (a unix
+/// socket QEMU serves at `serial`).
+async fn agent_announced(serial: &Path) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+
+    // QEMU creates the socket a moment after it starts.
+    let stream = loop {
+        match tokio::net::UnixStream::connect(serial).await {
+            Ok(stream) => break stream,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .with_context(|| format!("read the agent's port {}", serial.display()))?
+    {
+        if line.trim() == vmm_task::READY_LINE {
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "the agent's port {} closed before the agent was ready",
+        serial.display()
+    )
+}
+
 /// The container's sandbox id, from the CRI annotation in its spec.
 fn sandbox_of(bundle: &Path) -> Result<String> {
     let file = bundle.join("config.json");
@@ -411,6 +450,35 @@ fn watch_process_end(pid: u32) -> anyhow::Result<ExitReceiver> {
         // A pidfd becomes readable when its process terminates.
         let _ = fd.readable().await;
         let _ = sender.send(ExitStatus::now(UNKNOWN_EXIT));
+    });
+    Ok(receiver)
+}
+
+/// Watches the VM's processes: once QEMU ends, the VM is marked gone and the returned
+/// receiver (the pod's exit) fires; a helper process (the vsock backend) that ends
+/// leaves the VM unreachable, so QEMU is ended with it.
+fn watch_vm(vm: &Arc<Vm>, qemu_pid: u32, helper_pids: Vec<u32>) -> anyhow::Result<ExitReceiver> {
+    let qemu_end = watch_process_end(qemu_pid)?;
+    for helper in helper_pids {
+        let helper_end = watch_process_end(helper)?;
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            if helper_end.await.is_ok() && !vm.is_gone() {
+                tracing::error!(sandbox_id = %vm.id, pid = helper, "a helper process of the VM ended: the VM is stopped");
+                // QEMU is a child of ours that has not been reaped: the pid is still its.
+                let _ = kill(Pid::from_raw(qemu_pid as i32), Signal::SIGKILL);
+            }
+        });
+    }
+    let (sender, receiver) = oneshot::channel();
+    let vm = vm.clone();
+    tokio::spawn(async move {
+        let status = qemu_end
+            .await
+            .unwrap_or_else(|_| ExitStatus::now(UNKNOWN_EXIT));
+        vm.gone.store(true, Ordering::SeqCst);
+        tracing::info!(sandbox_id = %vm.id, pid = qemu_pid, "the VM's hypervisor ended");
+        let _ = sender.send(status);
     });
     Ok(receiver)
 }
@@ -531,6 +599,12 @@ impl ContainerRuntime for VmRuntime {
 
     async fn kill(&self, id: &str, target: KillTarget, signal: u32) -> Result<()> {
         let vm = self.vm_of(id)?;
+        if vm.is_gone() {
+            // Its processes ended with the VM.
+            return Err(Error::NotFound(format!(
+                "container {id:?}: the VM of its pod is gone"
+            )));
+        }
         let mut request = KillRequest {
             id: id.to_string(),
             signal,
@@ -557,7 +631,12 @@ impl ContainerRuntime for VmRuntime {
             id: id.to_string(),
             ..Default::default()
         };
-        match vm.tasks.delete(context(), &request).await {
+        let deleted = if vm.is_gone() {
+            Ok(Default::default())
+        } else {
+            vm.tasks.delete(context(), &request).await
+        };
+        match deleted {
             Ok(_) => {}
             Err(err) => match agent_error(&format!("delete container {id:?}"), err) {
                 Error::NotFound(_) => {}
@@ -695,6 +774,7 @@ impl ContainerRuntime for VmRuntime {
                 Error::Internal(err.context(format!("boot the VM of pod {:?}", pod.id)))
             })?;
         let pid = qemu.pid().context("QEMU has no pid")?;
+        let helper_pids = qemu.helper_pids();
         let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
         let vm = Arc::new(Vm {
             id: pod.id.clone(),
@@ -705,6 +785,7 @@ impl ContainerRuntime for VmRuntime {
             tasks: TaskClient::new(client.clone()),
             stdio: StdioPorts::new(uds),
             execs: Default::default(),
+            gone: AtomicBool::new(false),
         });
         lock(&self.pods).insert(pod.id.clone(), vm.clone());
 
@@ -757,7 +838,9 @@ impl ContainerRuntime for VmRuntime {
             guest_uptime_ms = times.guest_uptime.as_millis() as u64,
             "VM running, agent answering"
         );
-        watch_process_end(pid).map(Some).map_err(Error::Internal)
+        watch_vm(&vm, pid, helper_pids)
+            .map(Some)
+            .map_err(Error::Internal)
     }
 
     async fn stop_pod(&self, id: &str) -> Result<()> {

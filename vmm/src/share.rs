@@ -111,6 +111,15 @@ pub fn guest_spec(
                 let kind = ns.get("type").and_then(Value::as_str).unwrap_or_default();
                 !POD_NAMESPACES.contains(&kind) && ns.get("path").is_none()
             });
+            // The guest runs cgroup v2 whatever the host does: a container sees its own
+            // cgroup at /sys/fs/cgroup only in a cgroup namespace of its own, which
+            // containerd asks for on v2 hosts alone.
+            if !namespaces
+                .iter()
+                .any(|ns| ns.get("type") == Some(&Value::from("cgroup")))
+            {
+                namespaces.push(serde_json::json!({ "type": "cgroup" }));
+            }
         }
     }
     Ok(spec)
@@ -278,7 +287,7 @@ mod tests {
         assert_eq!(guest["mounts"][2]["source"], "/guest/2");
         assert_eq!(
             guest["linux"]["namespaces"],
-            json!([{ "type": "pid" }, { "type": "mount" }])
+            json!([{ "type": "pid" }, { "type": "mount" }, { "type": "cgroup" }])
         );
         assert_eq!(guest["linux"]["cgroupsPath"], "/kubepods/pod1/c1");
     }

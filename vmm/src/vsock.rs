@@ -110,9 +110,15 @@ pub async fn connect_with_retry(
                 tracing::debug!(uds = %uds.display(), port, attempts, "guest port reached");
                 return Ok(stream);
             }
-            Ok(Err(err)) if err.is_transient() => err.to_string(),
+            Ok(Err(err)) if err.is_transient() => {
+                tracing::trace!(uds = %uds.display(), port, attempts, error = %err, "guest port not reached yet");
+                err.to_string()
+            }
             Ok(Err(err)) => return Err(err.into()),
-            Err(_) => format!("attempt {attempts} still waiting for an answer"),
+            Err(_) => {
+                tracing::trace!(uds = %uds.display(), port, attempts, "no answer to CONNECT yet");
+                format!("attempt {attempts} still waiting for an answer")
+            }
         };
         if tokio::time::Instant::now() + RETRY_INTERVAL >= deadline {
             return Err(ConnectError::TimedOut {

@@ -16,9 +16,15 @@ use kuasar_sandbox::{Error, Result};
 use nix::sys::stat::Mode;
 use vsock::{VsockAddr, VsockStream};
 
+/// How many container and exec processes are started at once.
+const CONCURRENT_STARTS: usize = 2;
+
 /// A [`ContainerRuntime`] whose processes' stdio reaches the host over vsock.
 pub struct GuestRuntime<R> {
     inner: R,
+    /// Bounds the runc invocations that start processes: each copies runc's 8 MB binary
+    /// into memory to protect itself, which a small guest cannot afford many times over.
+    starts: tokio::sync::Semaphore,
     /// Where the FIFOs of each container live, in a directory per container.
     io_dir: PathBuf,
 }
@@ -36,7 +42,11 @@ impl<R: ContainerRuntime> GuestRuntime<R> {
     /// Wraps `inner`, keeping FIFOs under `io_dir`.
     pub fn new(inner: R, io_dir: PathBuf) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&io_dir).with_context(|| format!("create {}", io_dir.display()))?;
-        Ok(Self { inner, io_dir })
+        Ok(Self {
+            inner,
+            starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
+            io_dir,
+        })
     }
 
     fn container_dir(&self, id: &str) -> PathBuf {
@@ -151,7 +161,10 @@ impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
     async fn create(&self, container: &CreateContainer) -> Result<Spawned> {
         let mut container = container.clone();
         container.stdio = self.bridge(&container.id, "init", &container.stdio).await?;
-        let created = self.inner.create(&container).await;
+        let created = {
+            let _start = self.starts.acquire().await;
+            self.inner.create(&container).await
+        };
         if created.is_err() {
             self.remove_fifos(&container.id);
         }
@@ -159,6 +172,7 @@ impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
     }
 
     async fn start(&self, id: &str) -> Result<Option<Console>> {
+        let _start = self.starts.acquire().await;
         self.inner.start(id).await
     }
 
@@ -168,6 +182,7 @@ impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
         process.stdio = self
             .bridge(&process.container_id, &name, &process.stdio)
             .await?;
+        let _start = self.starts.acquire().await;
         self.inner.exec(&process).await
     }
 

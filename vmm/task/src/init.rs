@@ -127,6 +127,38 @@ fn loopback_up() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes [`vmm_task::READY_LINE`] on the first virtio-serial port. Its device node
+/// appears a moment after the driver binds, and opening it fails with ENXIO until the
+/// host side is set up: a few tries are made.
+pub fn announce_ready() {
+    use std::io::Write;
+
+    for _ in 0..200 {
+        let ports = std::fs::read_dir("/dev")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with("vport") && name.contains('p'))
+            });
+        for port in ports {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&port)
+                .and_then(|mut file| writeln!(file, "{}", vmm_task::READY_LINE));
+            if written.is_ok() {
+                tracing::debug!(port = %port.display(), "readiness announced");
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tracing::warn!("no virtio-serial port to announce readiness on");
+}
+
 /// The value of `name=value` on the kernel command line.
 pub fn cmdline_value<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
     cmdline

@@ -32,6 +32,11 @@ pub const SHARE_TAG: &str = "kuasar";
 /// Where the guest mounts the shared directory.
 pub const GUEST_SHARE_DIR: &str = "/run/kuasar/share";
 
+/// The line the agent writes on the virtio-serial port once it serves: the host waits
+/// for it before its first vsock connection, since requests that reach the vsock
+/// backend while the guest's driver starts can stall it.
+pub const READY_LINE: &str = "KUASAR-AGENT-READY";
+
 /// Kernel command-line parameter carrying the sandbox id, for the agent's logs.
 pub const SANDBOX_PARAM: &str = "kuasar.sandbox";
 

@@ -96,6 +96,7 @@ async fn serve(sandbox_id: &str, started_at_uptime_ms: u64) -> anyhow::Result<()
         .await
         .with_context(|| format!("serve on {address}"))?;
     tracing::info!(%sandbox_id, port = vmm_task::AGENT_PORT, "agent serving");
+    tokio::task::spawn_blocking(init::announce_ready);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     terminate.recv().await;
