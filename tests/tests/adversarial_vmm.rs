@@ -1792,11 +1792,10 @@ fn names(snapshot: &[(PathBuf, Vec<u8>)]) -> Vec<String> {
 // Limits and bad input
 // ---------------------------------------------------------------------------------------
 
-/// A container over its memory limit is killed in the guest with exit code 137. (The
-/// guest's OOM notice does not reach containerd yet: CRI's reason is "Error", not
-/// "OOMKilled".)
+/// A container over its memory limit is killed in the guest, and CRI reports it the way
+/// every runtime does: exit code 137 with reason `OOMKilled` (what `kubectl` shows).
 #[tokio::test]
-async fn memory_limit_is_enforced_in_the_guest() -> Result<()> {
+async fn memory_limit_is_enforced_and_reported_as_oomkilled() -> Result<()> {
     vm_test(1, async |h: &Harness| {
         let pod = h.run_pod("oom", KUASAR_VMM_HANDLER).await?;
         let mut hog = h.container_config(
@@ -1825,9 +1824,11 @@ async fn memory_limit_is_enforced_in_the_guest() -> Result<()> {
              the guest (log {log:?})"
         );
         ensure!(
-            status.exit_code == 137,
-            "a container killed over its memory limit is reported with exit code {}, not 137",
-            status.exit_code
+            status.exit_code == 137 && status.reason == "OOMKilled",
+            "a container killed over its memory limit is reported with exit code {} and \
+             reason {:?}, not 137 and \"OOMKilled\"",
+            status.exit_code,
+            status.reason
         );
         h.remove_pod_and_check(&pod).await
     })

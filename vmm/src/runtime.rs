@@ -28,7 +28,9 @@ use kuasar_sandbox::task::{
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
-use vmm_task::api::agent::{CheckRequest, Interface, Route, SetupSandboxRequest, SyncClockRequest};
+use vmm_task::api::agent::{
+    CheckRequest, Interface, Route, SetupSandboxRequest, SyncClockRequest, WaitOomRequest,
+};
 use vmm_task::api::agent_ttrpc::AgentClient;
 
 use crate::config::VmmSection;
@@ -112,6 +114,7 @@ struct Vm {
     interface: String,
     hypervisor: tokio::sync::Mutex<Qemu>,
     tasks: TaskClient,
+    agent: AgentClient,
     stdio: StdioPorts,
     /// Exec ids by the guest pid the agent reported for them.
     execs: Mutex<HashMap<u32, String>>,
@@ -367,6 +370,31 @@ impl VmRuntime {
     }
 }
 
+/// Forwards the OOM kills the agent reports for container `id` until it is deleted.
+fn watch_oom(vm: &Vm, id: &str) -> kuasar_sandbox::oom::OomReceiver {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let agent = vm.agent.clone();
+    let mut request = WaitOomRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        // Ends with an error once the container is deleted or the VM is gone.
+        while let Ok(response) = agent
+            .wait_oom(ttrpc::context::Context::default(), &request)
+            .await
+        {
+            for _ in request.seen..response.kills {
+                if sender.send(()).is_err() {
+                    return;
+                }
+            }
+            request.seen = response.kills;
+        }
+    });
+    receiver
+}
+
 /// Waits until the agent writes its ready line on the VM's virtio-serial port (a unix
 /// socket QEMU serves at `serial`).
 async fn agent_announced(serial: &Path) -> anyhow::Result<()> {
@@ -535,7 +563,7 @@ impl ContainerRuntime for VmRuntime {
             pid: response.pid,
             exit: Self::watch_exit(&vm, id, ""),
             console: None,
-            oom: None,
+            oom: Some(watch_oom(&vm, id)),
         })
     }
 
@@ -783,6 +811,7 @@ impl ContainerRuntime for VmRuntime {
             interface: net.network.interface.name.clone(),
             hypervisor: tokio::sync::Mutex::new(qemu),
             tasks: TaskClient::new(client.clone()),
+            agent: AgentClient::new(client.clone()),
             stdio: StdioPorts::new(uds),
             execs: Default::default(),
             gone: AtomicBool::new(false),

@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
@@ -16,12 +18,16 @@ use kuasar_sandbox::{Error, Result};
 use nix::sys::stat::Mode;
 use vsock::{VsockAddr, VsockStream};
 
+use crate::oom::OomEvents;
+
 /// How many container and exec processes are started at once.
 const CONCURRENT_STARTS: usize = 2;
 
 /// A [`ContainerRuntime`] whose processes' stdio reaches the host over vsock.
 pub struct GuestRuntime<R> {
     inner: R,
+    /// OOM kills of the containers, for the host to wait on.
+    ooms: Arc<OomEvents>,
     /// Bounds the runc invocations that start processes: each copies runc's 8 MB binary
     /// into memory to protect itself, which a small guest cannot afford many times over.
     starts: tokio::sync::Semaphore,
@@ -40,10 +46,11 @@ enum Direction {
 
 impl<R: ContainerRuntime> GuestRuntime<R> {
     /// Wraps `inner`, keeping FIFOs under `io_dir`.
-    pub fn new(inner: R, io_dir: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(inner: R, io_dir: PathBuf, ooms: Arc<OomEvents>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&io_dir).with_context(|| format!("create {}", io_dir.display()))?;
         Ok(Self {
             inner,
+            ooms,
             starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
             io_dir,
         })
@@ -165,10 +172,19 @@ impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
             let _start = self.starts.acquire().await;
             self.inner.create(&container).await
         };
-        if created.is_err() {
-            self.remove_fifos(&container.id);
+        match created {
+            Ok(mut spawned) => {
+                // The host asks the agent for OOM kills; the guest's own events go nowhere.
+                if let Some(oom) = spawned.oom.take() {
+                    self.ooms.watch(&container.id, oom);
+                }
+                Ok(spawned)
+            }
+            Err(err) => {
+                self.remove_fifos(&container.id);
+                Err(err)
+            }
         }
-        created
     }
 
     async fn start(&self, id: &str) -> Result<Option<Console>> {
@@ -192,6 +208,7 @@ impl<R: ContainerRuntime> ContainerRuntime for GuestRuntime<R> {
 
     async fn delete(&self, id: &str) -> Result<()> {
         self.inner.delete(id).await?;
+        self.ooms.remove(id);
         self.remove_fifos(id);
         Ok(())
     }

@@ -7,6 +7,7 @@
 mod guest_io;
 mod init;
 mod net;
+mod oom;
 mod service;
 
 use std::path::PathBuf;
@@ -76,7 +77,8 @@ async fn serve(sandbox_id: &str, started_at_uptime_ms: u64) -> anyhow::Result<()
     };
     engine.check_binary()?;
     let oci = OciRuntime::new(engine, state.join("work"))?;
-    let runtime = Arc::new(GuestRuntime::new(oci, state.join("io"))?);
+    let ooms = Arc::new(oom::OomEvents::default());
+    let runtime = Arc::new(GuestRuntime::new(oci, state.join("io"), ooms.clone())?);
     let tasks = Arc::new(TaskService::new(
         sandbox_id,
         runtime,
@@ -90,6 +92,7 @@ async fn serve(sandbox_id: &str, started_at_uptime_ms: u64) -> anyhow::Result<()
         .register_service(create_task(tasks))
         .register_service(create_agent(Arc::new(AgentService::new(
             started_at_uptime_ms,
+            ooms,
         ))));
     server
         .start()

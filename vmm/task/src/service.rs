@@ -1,27 +1,34 @@
 //! The agent's own service: health, clock and the pod's guest settings.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_gettime, clock_settime, ClockId};
 use ttrpc::r#async::TtrpcContext;
 use vmm_task::api::agent::{
     CheckRequest, CheckResponse, SetupSandboxRequest, SetupSandboxResponse, SyncClockRequest,
-    SyncClockResponse,
+    SyncClockResponse, WaitOomRequest, WaitOomResponse,
 };
 use vmm_task::api::agent_ttrpc::Agent;
+
+use crate::oom::OomEvents;
 
 /// Serves [`Agent`].
 #[derive(Debug)]
 pub struct AgentService {
     /// The guest's uptime when the agent started, in milliseconds.
     started_at_uptime_ms: u64,
+    /// OOM kills of the containers.
+    ooms: Arc<OomEvents>,
 }
 
 impl AgentService {
     /// The service of an agent that started at guest uptime `started_at_uptime_ms`.
-    pub fn new(started_at_uptime_ms: u64) -> Self {
+    pub fn new(started_at_uptime_ms: u64, ooms: Arc<OomEvents>) -> Self {
         Self {
             started_at_uptime_ms,
+            ooms,
         }
     }
 }
@@ -114,5 +121,22 @@ impl Agent for AgentService {
         }
         tracing::info!(sandbox_id = %req.sandbox_id, hostname = %req.hostname, interfaces = req.interfaces.len(), "guest set up for the pod");
         Ok(SetupSandboxResponse::default())
+    }
+
+    async fn wait_oom(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitOomRequest,
+    ) -> ttrpc::Result<WaitOomResponse> {
+        match self.ooms.wait(&req.container_id, req.seen).await {
+            Some(kills) => Ok(WaitOomResponse {
+                kills,
+                ..Default::default()
+            }),
+            None => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::NOT_FOUND,
+                format!("container {:?}", req.container_id),
+            ))),
+        }
     }
 }
