@@ -127,6 +127,10 @@ impl Vm {
         share_dir(&self.dir)
     }
 
+    fn staging_dir(&self) -> PathBuf {
+        staging_dir(&self.dir)
+    }
+
     fn is_gone(&self) -> bool {
         self.gone.load(Ordering::SeqCst)
     }
@@ -134,6 +138,12 @@ impl Vm {
 
 fn share_dir(vm_dir: &Path) -> PathBuf {
     vm_dir.join("share")
+}
+
+/// Where container directories are put together before they are shared: the guest
+/// cannot see it.
+fn staging_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("staging")
 }
 
 fn context() -> ttrpc::context::Context {
@@ -522,13 +532,17 @@ impl ContainerRuntime for VmRuntime {
             ))
         })?;
         let share = vm.share_dir();
-        let bundle = crate::share::prepare(&share, id, &container.bundle, &container.rootfs)
-            .await
-            .map_err(|err| {
-                Error::Internal(
-                    err.context(format!("share container {id:?} with VM {sandbox_id:?}")),
-                )
-            })?;
+        let bundle = crate::share::prepare(
+            &share,
+            &vm.staging_dir(),
+            id,
+            &container.bundle,
+            &container.rootfs,
+        )
+        .await
+        .map_err(|err| {
+            Error::Internal(err.context(format!("share container {id:?} with VM {sandbox_id:?}")))
+        })?;
         let created = async {
             let stdio = vm.stdio.bridge(&container.stdio).map_err(Error::Internal)?;
             let request = CreateTaskRequest {

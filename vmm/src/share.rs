@@ -5,6 +5,12 @@
 //! guest, each container gets `<share>/<id>/` holding its mounted root filesystem, a bind
 //! of every host path its mounts name (`mounts/<n>`), and a `config.json` rewritten to
 //! those guest paths and to the VM's namespaces.
+//!
+//! The guest can write to the shared directory, so the host never creates, mounts or
+//! writes anything by path inside it: a container's directory is put together in a
+//! staging directory the guest cannot see, then moved into the share whole (its mounts
+//! move with it). A symlink the guest plants there can thus never redirect a host write
+//! or mount.
 
 use std::path::{Path, PathBuf};
 
@@ -26,19 +32,23 @@ pub fn guest_bundle(id: &str) -> PathBuf {
 }
 
 /// Shares container `id` (host bundle `bundle`, root filesystem `rootfs`) under
-/// `share_dir` and returns its bundle as the guest sees it.
+/// `share_dir`, putting it together in `staging_dir` (on the same file system, not
+/// shared) first, and returns its bundle as the guest sees it.
 pub async fn prepare(
     share_dir: &Path,
+    staging_dir: &Path,
     id: &str,
     bundle: &Path,
     rootfs: &[Mount],
 ) -> anyhow::Result<PathBuf> {
-    let dir = share_dir.join(id);
+    let dir = staging_dir.join(id);
     let spec_file = bundle.join("config.json");
     let spec: Value = serde_json::from_slice(
         &std::fs::read(&spec_file).with_context(|| format!("read {}", spec_file.display()))?,
     )
     .with_context(|| format!("parse {}", spec_file.display()))?;
+    // What a sandboxer that died while sharing left.
+    remove(staging_dir, id)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
 
     let prepared = async {
@@ -55,11 +65,15 @@ pub async fn prepare(
         let file = dir.join("config.json");
         std::fs::write(&file, serde_json::to_vec(&spec)?)
             .with_context(|| format!("write {}", file.display()))?;
+        // Replaces at most an empty directory the guest made; fails on anything else.
+        let shared = share_dir.join(id);
+        std::fs::rename(&dir, &shared)
+            .with_context(|| format!("move {} to {}", dir.display(), shared.display()))?;
         anyhow::Ok(guest_bundle(id))
     }
     .await;
     if prepared.is_err() {
-        if let Err(err) = remove(share_dir, id) {
+        if let Err(err) = remove(staging_dir, id) {
             tracing::warn!(container_id = %id, error = format!("{err:#}"), "cannot clean up a half-shared bundle");
         }
     }
@@ -290,6 +304,86 @@ mod tests {
             json!([{ "type": "pid" }, { "type": "mount" }, { "type": "cgroup" }])
         );
         assert_eq!(guest["linux"]["cgroupsPath"], "/kubepods/pod1/c1");
+    }
+
+    /// A scratch directory of its own for each test, removed at the end.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kuasar-share-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn bundle_with_bind(root: &Path, source: &Path) -> PathBuf {
+        let bundle = root.join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let spec = json!({
+            "root": { "path": "rootfs" },
+            "mounts": [{ "destination": "/data", "type": "bind", "source": source, "options": ["rbind"] }]
+        });
+        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        bundle
+    }
+
+    #[tokio::test]
+    async fn a_bundle_is_put_together_aside_and_moved_into_the_share_with_its_mounts() {
+        let root = scratch("move");
+        let (share, staging) = (root.join("share"), root.join("staging"));
+        std::fs::create_dir_all(&share).unwrap();
+        let data = root.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("kept"), "host data").unwrap();
+        let bundle = bundle_with_bind(&root, &data);
+
+        let guest = prepare(&share, &staging, "c1", &bundle, &[]).await.unwrap();
+        assert_eq!(guest, guest_bundle("c1"));
+        let shared = share.join("c1");
+        let spec: Value =
+            serde_json::from_slice(&std::fs::read(shared.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            spec["mounts"][0]["source"],
+            format!("{}/c1/mounts/0", vmm_task::GUEST_SHARE_DIR)
+        );
+        assert_eq!(
+            std::fs::read_to_string(shared.join("mounts/0/kept")).unwrap(),
+            "host data"
+        );
+        assert!(!staging.join("c1").exists(), "the staging copy stayed");
+
+        remove(&share, "c1").unwrap();
+        assert!(!shared.exists());
+        assert_eq!(
+            std::fs::read_to_string(data.join("kept")).unwrap(),
+            "host data"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_symlink_planted_in_the_share_never_redirects_the_host() {
+        let root = scratch("symlink");
+        let (share, staging) = (root.join("share"), root.join("staging"));
+        std::fs::create_dir_all(&share).unwrap();
+        let victim = root.join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        // What root in the guest could do: the container's directory as a symlink.
+        std::os::unix::fs::symlink(&victim, share.join("c1")).unwrap();
+        let data = root.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let bundle = bundle_with_bind(&root, &data);
+
+        let err = prepare(&share, &staging, "c1", &bundle, &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("move"), "{err:#}");
+        assert_eq!(
+            std::fs::read_dir(&victim).unwrap().count(),
+            0,
+            "the host wrote through the symlink"
+        );
+        assert!(!staging.join("c1").exists(), "the staging copy stayed");
+        crate::share::ensure_unmounted(&root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

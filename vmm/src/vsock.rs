@@ -102,25 +102,28 @@ pub async fn connect_with_retry(
 ) -> anyhow::Result<UnixStream> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut attempts = 0u32;
+    // The last attempt that failed with a reason: one cut short by the deadline has none.
+    let mut last_reason: Option<String> = None;
     loop {
         attempts += 1;
         let attempt_deadline = deadline.min(tokio::time::Instant::now() + ATTEMPT_TIMEOUT);
-        let last = match tokio::time::timeout_at(attempt_deadline, handshake(uds, port)).await {
+        match tokio::time::timeout_at(attempt_deadline, handshake(uds, port)).await {
             Ok(Ok(stream)) => {
                 tracing::debug!(uds = %uds.display(), port, attempts, "guest port reached");
                 return Ok(stream);
             }
             Ok(Err(err)) if err.is_transient() => {
                 tracing::trace!(uds = %uds.display(), port, attempts, error = %err, "guest port not reached yet");
-                err.to_string()
+                last_reason = Some(err.to_string());
             }
             Ok(Err(err)) => return Err(err.into()),
             Err(_) => {
                 tracing::trace!(uds = %uds.display(), port, attempts, "no answer to CONNECT yet");
-                format!("attempt {attempts} still waiting for an answer")
             }
-        };
+        }
         if tokio::time::Instant::now() + RETRY_INTERVAL >= deadline {
+            let last = last_reason
+                .unwrap_or_else(|| format!("attempt {attempts} still waiting for an answer"));
             return Err(ConnectError::TimedOut {
                 uds: uds.to_path_buf(),
                 port,
