@@ -122,7 +122,9 @@ fn forward_stdin(path: PathBuf) -> anyhow::Result<OwnedFd> {
     Ok(reader)
 }
 
-fn copy_until_closed(from: &mut impl Read, to: &mut impl Write) {
+/// Copies `from` into `to` until either end closes or fails (EIO from a pty whose last
+/// slave closed counts as the end).
+pub fn copy_until_closed(from: &mut impl Read, to: &mut impl Write) {
     let mut buffer = [0u8; 32 * 1024];
     loop {
         match from.read(&mut buffer) {

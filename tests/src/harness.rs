@@ -8,6 +8,7 @@
 //! recognised by its `owner` file and removed by the next harness that starts.
 
 use std::fs;
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -1307,8 +1308,15 @@ fn write_file(path: &Path, content: &str) -> Result<()> {
     fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Fails with "`what` hangs" when `future` does not finish within `limit`.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(limit, future)
+        .await
+        .with_context(|| format!("{what} hangs (no answer within {limit:?})"))
+}
+
 /// The last `lines` lines of the file at `path`, reading at most its last 64 KiB.
-fn log_tail(path: &Path, lines: usize) -> Result<String> {
+pub fn log_tail(path: &Path, lines: usize) -> Result<String> {
     const MAX_BYTES: u64 = 64 * 1024;
     let mut file = fs::File::open(path)?;
     let len = file.metadata()?.len();

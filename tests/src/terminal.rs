@@ -11,10 +11,42 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::CriClient;
 
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const ERROR: u8 = 3;
+/// Channel of the process's stdin.
+pub const STDIN: u8 = 0;
+/// Channel of the process's stdout.
+pub const STDOUT: u8 = 1;
+/// Channel of the process's stderr.
+pub const STDERR: u8 = 2;
+/// Channel of the status document at the end of the session.
+pub const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
+
+/// A websocket session with containerd's streaming server.
+pub type ExecSession =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Runs CRI Exec for `command` in container `id` (on a terminal with `tty`) and attaches
+/// to the session containerd's streaming server offers, which must be on loopback.
+pub async fn open_exec_session(
+    cri: &CriClient,
+    id: &str,
+    command: &[&str],
+    tty: bool,
+) -> Result<ExecSession> {
+    let url = cri.exec_stream_url(id, command, tty).await?;
+    ensure!(
+        url.starts_with("http://127.0.0.1:"),
+        "streaming server not on loopback: {url}"
+    );
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (session, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .context("attach to the exec session")?;
+    Ok(session)
+}
 
 /// What a terminal session printed and how it ended.
 #[derive(Debug, Default)]
@@ -35,18 +67,7 @@ pub async fn exec_on_terminal(
     input: &[u8],
     timeout: Duration,
 ) -> Result<TerminalSession> {
-    let url = cri.exec_stream_url(id, command, true).await?;
-    ensure!(
-        url.starts_with("http://127.0.0.1:"),
-        "streaming server not on loopback: {url}"
-    );
-    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-    let (mut session, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .context("attach to the exec session")?;
+    let mut session = open_exec_session(cri, id, command, true).await?;
     let frame = |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
     let size = format!(r#"{{"Width":{width},"Height":{height}}}"#);
     session.send(frame(RESIZE, size.as_bytes())).await?;

@@ -16,7 +16,7 @@ use kuasar_tests::cleanup;
 use kuasar_tests::cleanup::process_alive;
 use kuasar_tests::cri::state_name;
 use kuasar_tests::cri::text;
-use kuasar_tests::harness::wait_until;
+use kuasar_tests::harness::{wait_until, within};
 use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::{Harness, HarnessOptions, Pod, QuarkSettings, KUASAR_QUARK_HANDLER};
 
@@ -44,9 +44,7 @@ const TRAPPING_SHELL: &str = "trap 'exit 7' TERM; while true; do sleep 1; done";
 
 /// Fails with "`what` hangs" when `future` does not finish within [`CALL_TIMEOUT`].
 async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(CALL_TIMEOUT, future)
-        .await
-        .with_context(|| format!("{what} hangs (no answer within {CALL_TIMEOUT:?})"))
+    within(CALL_TIMEOUT, what, future).await
 }
 
 /// Processes of this run (found by their command line or working directory under the

@@ -21,11 +21,10 @@ use k8s_cri::v1::{
 use kuasar_tests::cleanup;
 use kuasar_tests::cleanup::process_alive;
 use kuasar_tests::cri::{state_name, text};
-use kuasar_tests::harness::wait_until;
+use kuasar_tests::harness::{log_tail, wait_until, within};
 use kuasar_tests::images::BUSYBOX_IMAGE;
-use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
+use kuasar_tests::terminal::{self, exec_on_terminal, open_exec_session, TerminalSession};
 use kuasar_tests::{CriClient, Harness, Pod, KUASAR_VMM_HANDLER};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// How many VMs the tests of this file may run at once, all tests together.
@@ -46,9 +45,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// A shell that exits 7 within a second of SIGTERM: its exit code proves that it was still
 /// running when it was stopped.
 const TRAPPING_SHELL: &str = "trap 'exit 7' TERM; while true; do sleep 1; done";
-
-/// How many lines of a log a failure prints.
-const LOG_TAIL_LINES: usize = 80;
 
 // ---------------------------------------------------------------------------------------
 // A budget of VMs shared by the tests of this process
@@ -105,17 +101,7 @@ async fn vm_test(vms: u32, body: impl AsyncFnOnce(&Harness) -> Result<()>) -> Re
 
 /// Fails with "`what` hangs" when `future` does not finish within [`CALL_TIMEOUT`].
 async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> Result<T> {
-    bounded_by(CALL_TIMEOUT, what, future).await
-}
-
-async fn bounded_by<T>(
-    limit: Duration,
-    what: &str,
-    future: impl std::future::Future<Output = T>,
-) -> Result<T> {
-    tokio::time::timeout(limit, future)
-        .await
-        .with_context(|| format!("{what} hangs (no answer within {limit:?})"))
+    within(CALL_TIMEOUT, what, future).await
 }
 
 /// The directory of the VMs of the harness's sandboxer.
@@ -172,23 +158,12 @@ fn process_exists(pid: u32) -> bool {
 
 /// The last `lines` lines of the file at `path`, or why it cannot be read.
 fn tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(err) => format!("({err})"),
-    }
+    log_tail(path, lines).unwrap_or_else(|err| format!("({err})"))
 }
 
-/// Prints the sandboxer's log and the QEMU, console and vsock logs of every VM directory.
+/// Prints the QEMU, console and vsock logs of every VM directory (the harness prints the
+/// daemons' logs).
 fn print_vm_logs(h: &Harness) {
-    eprintln!(
-        "----- last lines of vmm-sandboxer log {} -----\n{}",
-        h.layout().vmm_log.display(),
-        tail(&h.layout().vmm_log, LOG_TAIL_LINES)
-    );
     for dir in cleanup::list_dir(&vms_dir(h)) {
         for name in ["qemu.log", "console.log", "vhost-vsock.log"] {
             let path = dir.join(name);
@@ -320,42 +295,10 @@ struct StreamedExec {
     status: String,
 }
 
-/// Channels of the Kubernetes remote-command protocol `v4.channel.k8s.io`.
-const STDIN_CHANNEL: u8 = 0;
-const STDOUT_CHANNEL: u8 = 1;
-const STDERR_CHANNEL: u8 = 2;
-const ERROR_CHANNEL: u8 = 3;
-
-/// Opens a non-terminal streaming exec of `command` in container `id` with stdin, the
-/// way `kubectl exec -i` does: CRI Exec, then a websocket session with containerd's
-/// streaming server. (containerd 2.1.9 refuses `v5.channel.k8s.io`, the version that can
-/// close stdin alone: with `v4` stdin ends when the session does.)
-async fn open_exec_session(
-    cri: &CriClient,
-    id: &str,
-    command: &[&str],
-) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
-    let url = cri.exec_stream_url(id, command, false).await?;
-    ensure!(
-        url.starts_with("http://127.0.0.1:"),
-        "streaming server not on loopback: {url}"
-    );
-    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-    let (session, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .context("attach to the exec session")?;
-    Ok(session)
-}
-
 fn stdin_frames(input: &[u8]) -> Vec<Message> {
     input
         .chunks(16 * 1024)
-        .map(|chunk| Message::Binary([&[STDIN_CHANNEL], chunk].concat().into()))
+        .map(|chunk| Message::Binary([&[terminal::STDIN], chunk].concat().into()))
         .collect()
 }
 
@@ -368,7 +311,7 @@ async fn exec_with_stdin(
     input: &[u8],
     timeout: Duration,
 ) -> Result<StreamedExec> {
-    let mut session = open_exec_session(cri, id, command).await?;
+    let mut session = open_exec_session(cri, id, command, false).await?;
     for frame in stdin_frames(input) {
         session.send(frame).await?;
     }
@@ -379,9 +322,9 @@ async fn exec_with_stdin(
                 continue;
             };
             match data.first() {
-                Some(&STDOUT_CHANNEL) => out.stdout.extend_from_slice(&data[1..]),
-                Some(&STDERR_CHANNEL) => out.stderr.extend_from_slice(&data[1..]),
-                Some(&ERROR_CHANNEL) if data.len() > 1 => {
+                Some(&terminal::STDOUT) => out.stdout.extend_from_slice(&data[1..]),
+                Some(&terminal::STDERR) => out.stderr.extend_from_slice(&data[1..]),
+                Some(&terminal::ERROR) if data.len() > 1 => {
                     out.status.push_str(&String::from_utf8_lossy(&data[1..]))
                 }
                 _ => {}
@@ -405,7 +348,7 @@ async fn exec_fed_then_hung_up(
     command: &[&str],
     input: &[u8],
 ) -> Result<()> {
-    let mut session = open_exec_session(cri, id, command).await?;
+    let mut session = open_exec_session(cri, id, command, false).await?;
     for frame in stdin_frames(input) {
         session.send(frame).await?;
     }
@@ -477,7 +420,7 @@ async fn killed_qemu_turns_the_pod_notready_and_ends_its_containers_and_execs() 
                 "{name}, killed with its VM, reports a successful exit"
             );
         }
-        let exec = bounded_by(NOTICE_TIMEOUT, "an ExecSync running when QEMU died", exec)
+        let exec = within(NOTICE_TIMEOUT, "an ExecSync running when QEMU died", exec)
             .await?
             .context("the exec task panicked")?;
         eprintln!("exec running when QEMU died: {exec:?}");
@@ -842,7 +785,7 @@ async fn removing_a_pod_with_running_containers_and_execs_ends_them_and_leaves_n
         }
 
         let began = Instant::now();
-        bounded_by(
+        within(
             Duration::from_secs(90),
             "StopPodSandbox with running containers and execs",
             h.cri().stop_pod(&pod.id),

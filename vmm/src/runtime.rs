@@ -98,6 +98,8 @@ pub struct VmRuntime {
     settings: VmmSection,
     /// One directory per VM: QEMU's sockets and logs, and the shared directory.
     vms_dir: PathBuf,
+    /// The host's TSC frequency, which every guest is told.
+    tsc_khz: u64,
     /// The accelerator `auto` settled on, once probed.
     accelerator: tokio::sync::Mutex<Option<Accelerator>>,
     pods: Mutex<HashMap<String, Arc<Vm>>>,
@@ -187,6 +189,7 @@ impl VmRuntime {
         Ok(Self {
             settings,
             vms_dir,
+            tsc_khz: host_tsc_khz(),
             accelerator: tokio::sync::Mutex::new(accelerator),
             pods: Default::default(),
             containers: Default::default(),
@@ -209,7 +212,7 @@ impl VmRuntime {
         let settings = &self.settings;
         let mut cmdline = format!(
             "{GUEST_CMDLINE} tsc_early_khz={} {}={}",
-            host_tsc_khz(),
+            self.tsc_khz,
             vmm_task::SANDBOX_PARAM,
             pod.id
         );
@@ -434,12 +437,7 @@ async fn agent_announced(serial: &Path) -> anyhow::Result<()> {
 }
 
 /// The container's sandbox id, from the CRI annotation in its spec.
-fn sandbox_of(bundle: &Path) -> Result<String> {
-    let file = bundle.join("config.json");
-    let spec: serde_json::Value = std::fs::read(&file)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
-        .map_err(|err| Error::InvalidArgument(format!("read {}: {err:#}", file.display())))?;
+fn sandbox_of(spec: &serde_json::Value, bundle: &Path) -> Result<String> {
     spec.pointer(&format!(
         "/annotations/{}",
         SANDBOX_ID_ANNOTATION.replace('/', "~1")
@@ -448,8 +446,9 @@ fn sandbox_of(bundle: &Path) -> Result<String> {
     .map(str::to_string)
     .ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "{} has no {SANDBOX_ID_ANNOTATION} annotation: the container's pod is unknown",
-            file.display()
+            "{}/config.json has no {SANDBOX_ID_ANNOTATION} annotation: the container's pod \
+             is unknown",
+            bundle.display()
         ))
     })
 }
@@ -525,24 +524,22 @@ fn watch_vm(vm: &Arc<Vm>, qemu_pid: u32, helper_pids: Vec<u32>) -> anyhow::Resul
 impl ContainerRuntime for VmRuntime {
     async fn create(&self, container: &CreateContainer) -> Result<Spawned> {
         let id = &container.id;
-        let sandbox_id = sandbox_of(&container.bundle)?;
+        let spec = crate::share::load_spec(&container.bundle)
+            .map_err(|err| Error::InvalidArgument(format!("{err:#}")))?;
+        let sandbox_id = sandbox_of(&spec, &container.bundle)?;
         let vm = lock(&self.pods).get(&sandbox_id).cloned().ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "pod {sandbox_id:?} of container {id:?} has no running VM"
             ))
         })?;
         let share = vm.share_dir();
-        let bundle = crate::share::prepare(
-            &share,
-            &vm.staging_dir(),
-            id,
-            &container.bundle,
-            &container.rootfs,
-        )
-        .await
-        .map_err(|err| {
-            Error::Internal(err.context(format!("share container {id:?} with VM {sandbox_id:?}")))
-        })?;
+        let bundle = crate::share::prepare(&share, &vm.staging_dir(), id, spec, &container.rootfs)
+            .await
+            .map_err(|err| {
+                Error::Internal(
+                    err.context(format!("share container {id:?} with VM {sandbox_id:?}")),
+                )
+            })?;
         let created = async {
             let stdio = vm.stdio.bridge(&container.stdio).map_err(Error::Internal)?;
             let request = CreateTaskRequest {

@@ -31,22 +31,24 @@ pub fn guest_bundle(id: &str) -> PathBuf {
     Path::new(vmm_task::GUEST_SHARE_DIR).join(id)
 }
 
-/// Shares container `id` (host bundle `bundle`, root filesystem `rootfs`) under
+/// The spec containerd wrote into the host bundle `bundle`.
+pub fn load_spec(bundle: &Path) -> anyhow::Result<Value> {
+    let file = bundle.join("config.json");
+    let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parse {}", file.display()))
+}
+
+/// Shares container `id` (its host spec `spec`, root filesystem `rootfs`) under
 /// `share_dir`, putting it together in `staging_dir` (on the same file system, not
 /// shared) first, and returns its bundle as the guest sees it.
 pub async fn prepare(
     share_dir: &Path,
     staging_dir: &Path,
     id: &str,
-    bundle: &Path,
+    spec: Value,
     rootfs: &[Mount],
 ) -> anyhow::Result<PathBuf> {
     let dir = staging_dir.join(id);
-    let spec_file = bundle.join("config.json");
-    let spec: Value = serde_json::from_slice(
-        &std::fs::read(&spec_file).with_context(|| format!("read {}", spec_file.display()))?,
-    )
-    .with_context(|| format!("parse {}", spec_file.display()))?;
     // What a sandboxer that died while sharing left.
     remove(staging_dir, id)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -335,7 +337,8 @@ mod tests {
         std::fs::write(data.join("kept"), "host data").unwrap();
         let bundle = bundle_with_bind(&root, &data);
 
-        let guest = prepare(&share, &staging, "c1", &bundle, &[]).await.unwrap();
+        let spec = load_spec(&bundle).unwrap();
+        let guest = prepare(&share, &staging, "c1", spec, &[]).await.unwrap();
         assert_eq!(guest, guest_bundle("c1"));
         let shared = share.join("c1");
         let spec: Value =
@@ -372,7 +375,7 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         let bundle = bundle_with_bind(&root, &data);
 
-        let err = prepare(&share, &staging, "c1", &bundle, &[])
+        let err = prepare(&share, &staging, "c1", load_spec(&bundle).unwrap(), &[])
             .await
             .unwrap_err();
         assert!(format!("{err:#}").contains("move"), "{err:#}");

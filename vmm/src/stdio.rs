@@ -7,14 +7,13 @@
 //! with its stream.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use kuasar_sandbox::io::Stdio;
+use kuasar_sandbox::io::{copy_until_closed, Stdio};
 use tokio::net::UnixListener;
 
 /// How long the agent gets to connect a stream once asked to.
@@ -118,7 +117,7 @@ fn copy_stream(mut stream: StdUnixStream, fifo: &Path, direction: Direction) {
             // Read-write: never blocks, and containerd's reader sees the end of the
             // stream when this copy closes its end.
             match OpenOptions::new().read(true).write(true).open(fifo) {
-                Ok(mut to) => copy(&mut stream, &mut to),
+                Ok(mut to) => copy_until_closed(&mut stream, &mut to),
                 Err(err) => {
                     tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open output FIFO")
                 }
@@ -126,29 +125,13 @@ fn copy_stream(mut stream: StdUnixStream, fifo: &Path, direction: Direction) {
         }
         Direction::In => {
             match File::open(fifo) {
-                Ok(mut from) => copy(&mut from, &mut stream),
+                Ok(mut from) => copy_until_closed(&mut from, &mut stream),
                 Err(err) => {
                     tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open stdin FIFO")
                 }
             }
             // The guest process sees the end of its input.
             let _ = stream.shutdown(std::net::Shutdown::Write);
-        }
-    }
-}
-
-fn copy(from: &mut impl Read, to: &mut impl Write) {
-    let mut buffer = [0u8; 32 * 1024];
-    loop {
-        match from.read(&mut buffer) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buffer[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
         }
     }
 }

@@ -480,9 +480,10 @@ fn watch_oom(id: &str, bundle: &Path) -> Option<crate::oom::OomReceiver> {
     }
 }
 
-/// Removes the cgroup named in the container's spec if the engine left it behind: runsc
-/// leaves a sub-container's cgroup when its sandbox goes away during the create. A cgroup
-/// that still has processes stays.
+/// Removes the cgroup named in the spec of a container whose create failed, if the engine
+/// left it behind: runsc leaves a sub-container's cgroup when its sandbox goes away during
+/// the create (a created container's cgroup goes with `<engine> delete`). A cgroup that
+/// still has processes stays.
 async fn remove_leftover_cgroup(id: &str, bundle: &Path) {
     let Ok(spec) = oci_spec::runtime::Spec::load(bundle.join("config.json")) else {
         return;
@@ -737,7 +738,6 @@ impl ContainerRuntime for OciRuntime {
             .retain(|_, (container, _)| container != id);
         let bundle = self.bundles().get(id).cloned();
         if let Some(bundle) = bundle {
-            remove_leftover_cgroup(id, &bundle).await;
             unmount_rootfs(&bundle)?;
             self.bundles().remove(id);
         }

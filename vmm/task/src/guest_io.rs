@@ -3,7 +3,6 @@
 //! and a thread copying between that FIFO and a vsock connection to the host.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use kuasar_sandbox::io::{Console, Stdio};
+use kuasar_sandbox::io::{copy_until_closed, Console, Stdio};
 use kuasar_sandbox::task::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Spawned};
 use kuasar_sandbox::{Error, Result};
 use nix::sys::stat::Mode;
@@ -120,11 +119,13 @@ fn bridge_stream(address: &str, fifo: &Path, direction: Direction) -> anyhow::Re
         .spawn(move || {
             // Opening blocks until the runtime opens the other end.
             let result = match direction {
-                Direction::Out => File::open(&fifo).map(|mut from| copy(&mut from, &mut &stream)),
+                Direction::Out => {
+                    File::open(&fifo).map(|mut from| copy_until_closed(&mut from, &mut &stream))
+                }
                 Direction::In => OpenOptions::new()
                     .write(true)
                     .open(&fifo)
-                    .map(|mut to| copy(&mut &stream, &mut to)),
+                    .map(|mut to| copy_until_closed(&mut &stream, &mut to)),
             };
             if let Err(err) = result {
                 tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open FIFO");
@@ -133,22 +134,6 @@ fn bridge_stream(address: &str, fifo: &Path, direction: Direction) -> anyhow::Re
         })
         .context("start stdio copy")?;
     Ok(())
-}
-
-fn copy(from: &mut impl Read, to: &mut impl Write) {
-    let mut buffer = [0u8; 32 * 1024];
-    loop {
-        match from.read(&mut buffer) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buffer[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        }
-    }
 }
 
 /// Unblocks a copy thread still waiting to open `fifo`: a non-blocking open of the other
