@@ -100,6 +100,13 @@ pub struct SandboxExit {
 /// A family's sandboxes. Every id handed in has passed [`id::validate`].
 #[async_trait]
 pub trait Sandboxer: Send + Sync + 'static {
+    /// Finds the sandboxes an earlier run of the sandboxer left running, before the
+    /// Sandbox API is served. Families whose sandboxes end with the sandboxer keep this
+    /// default.
+    async fn recover(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Prepares a sandbox without starting anything that runs.
     async fn create(&self, request: SandboxRequest) -> Result<()>;
 

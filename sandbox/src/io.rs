@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 /// The FIFO paths of one process, as containerd sends them; empty means not attached.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stdio {
     /// Path of the stdin FIFO.
     pub stdin: String,

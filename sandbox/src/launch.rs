@@ -84,6 +84,10 @@ where
             "starting"
         );
         let sandboxer = Arc::new(build(&config, events)?);
+        sandboxer
+            .recover()
+            .await
+            .context("recover the sandboxes of an earlier run")?;
         server::serve(&config.listen, sandboxer).await
     })
 }

@@ -20,8 +20,11 @@ pub mod oci;
 pub mod oom;
 pub mod pod;
 pub mod pod_sandboxer;
+pub mod process;
 pub mod reaper;
+pub mod relay;
 pub mod server;
+pub mod state;
 pub mod task;
 
 pub use controller::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};

@@ -24,6 +24,9 @@ use crate::error::{Error, Result};
 use crate::events::EventPublisher;
 use crate::holder::{self, HolderSpec};
 use crate::pod::{PodFiles, PodNamespaces};
+use crate::process::ProcessId;
+use crate::reaper::ExitReceiver;
+use crate::relay::RelaySockets;
 use crate::task::{ContainerRuntime, PodContext, TaskServer, TaskService};
 use crate::{SandboxExit, SandboxRequest, SandboxStatus, Sandboxer, StartedSandbox};
 
@@ -58,12 +61,28 @@ struct PodSandbox<R> {
 
 struct Running<R> {
     holder_pid: u32,
+    /// The task relay containerd dials, for pods that outlive the sandboxer.
+    relay: Option<ProcessId>,
     /// Turns true once the holder is reaped, so that its pid is never signalled after.
     holder_exited: watch::Receiver<bool>,
     tasks: Arc<TaskService<R>>,
     server: TaskServer,
     cgroup: Option<Cgroup>,
     address: String,
+}
+
+/// What a restarted sandboxer needs to serve a started pod again, for runtimes whose pods
+/// outlive it ([`ContainerRuntime::recoverable`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PodRecord {
+    id: String,
+    netns_path: Option<PathBuf>,
+    hostname: String,
+    created_at: SystemTime,
+    holder: ProcessId,
+    relay: ProcessId,
+    /// The pod's cgroup (a cgroupfs path), when it has one.
+    cgroup_path: Option<String>,
 }
 
 impl<R: ContainerRuntime> PodSandboxer<R> {
@@ -84,6 +103,28 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         self.sandboxes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Where a recoverable pod's records live.
+    fn pod_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("pods").join(id)
+    }
+
+    /// The socket of a sandbox's Task API; short enough for any sandbox id.
+    fn task_socket(&self, id: &str) -> PathBuf {
+        self.state_dir
+            .join("sockets")
+            .join(format!("{:016x}.sock", fnv1a(id)))
+    }
+
+    /// The sockets of a sandbox's task relay.
+    fn relay_sockets(&self, id: &str) -> RelaySockets {
+        let sockets = self.state_dir.join("sockets");
+        let hash = fnv1a(id);
+        RelaySockets {
+            tasks: sockets.join(format!("{hash:016x}-relay.sock")),
+            fifos: sockets.join(format!("{hash:016x}-fifos.sock")),
+        }
     }
 
     fn get(&self, id: &str) -> Result<Arc<PodSandbox<R>>> {
@@ -130,13 +171,29 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         sandbox.files.create(pod, &hostname)?;
         cleanup.files = Some(sandbox.files.clone());
 
-        let tasks = Arc::new(TaskService::new(
-            id,
-            self.runtime.clone(),
-            self.events.clone(),
-        ));
+        let recoverable = self.runtime.recoverable();
+        let mut tasks = TaskService::new(id, self.runtime.clone(), self.events.clone());
+        if recoverable {
+            tasks = tasks.with_records(self.pod_dir(id).join("containers"))?;
+        }
+        let tasks = Arc::new(tasks);
         let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
-        let address = server.address();
+        let mut address = server.address();
+        let relay_sockets = self.relay_sockets(id);
+        let relay = if recoverable {
+            match crate::relay::spawn(&relay_sockets, &sandbox.socket).await {
+                Ok(relay) => {
+                    address = format!("ttrpc+unix://{}", relay_sockets.tasks.display());
+                    Some(relay)
+                }
+                Err(err) => {
+                    server.shutdown().await;
+                    return Err(err);
+                }
+            }
+        } else {
+            None
+        };
 
         let context = PodContext {
             id: id.to_string(),
@@ -151,54 +208,190 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
                 .cgroup
                 .as_ref()
                 .map(|_| format!("{}/{id}", cgroup_parent.trim_end_matches('/'))),
+            fifo_keeper: relay.map(|_| relay_sockets.fifos.clone()),
         };
-        let pod_exit = match self.runtime.start_pod(&context).await {
+        let started = match self.runtime.start_pod(&context).await {
+            Ok(exit) => match relay {
+                Some(relay) => self.record_pod(sandbox, &context, relay).map(|()| exit),
+                None => Ok(exit),
+            },
+            Err(err) => Err(anyhow::Error::new(err)),
+        };
+        let pod_exit = match started {
             Ok(exit) => exit,
             Err(err) => {
                 if let Err(stop) = self.runtime.stop_pod(id).await {
                     tracing::warn!(sandbox_id = %id, error = %stop, "cannot clean up a pod that failed to start");
                 }
+                if let Some(relay) = relay {
+                    self.end_relay(id, relay);
+                }
                 server.shutdown().await;
-                return Err(anyhow::Error::new(err));
+                return Err(err);
             }
         };
-        if let Some(pod_exit) = pod_exit {
-            let exit = sandbox.exit.clone();
-            let sandbox_id = id.to_string();
-            tokio::spawn(async move {
-                let status = pod_exit
-                    .await
-                    .map(|s| (s.code as u32, s.at))
-                    .unwrap_or((255, SystemTime::now()));
-                tracing::info!(%sandbox_id, exit_code = status.0, "the pod's own process exited");
-                record_exit(&exit, status);
-            });
-        }
-
-        let exit = sandbox.exit.clone();
-        let sandbox_id = id.to_string();
-        let holder_exit = holder.exit;
-        let (holder_gone, holder_exited) = watch::channel(false);
-        tokio::spawn(async move {
-            let status = holder_exit
-                .await
-                .map(|s| (s.code as u32, s.at))
-                .unwrap_or((255, SystemTime::now()));
-            tracing::info!(%sandbox_id, pid = holder_pid, exit_code = status.0, "namespace holder exited");
-            holder_gone.send_replace(true);
-            record_exit(&exit, status);
-        });
+        watch_pod_exit(id, sandbox, pod_exit);
+        let holder_exited = watch_holder(id, sandbox, holder_pid, holder.exit);
 
         let cgroup = cleanup.cgroup.take();
         cleanup.disarm();
         Ok(Running {
             holder_pid,
+            relay,
             holder_exited,
             tasks,
             server,
             cgroup,
             address,
         })
+    }
+
+    /// Records a started pod that outlives the sandboxer, with its task relay.
+    fn record_pod(
+        &self,
+        sandbox: &PodSandbox<R>,
+        context: &PodContext,
+        relay: ProcessId,
+    ) -> anyhow::Result<()> {
+        let id = &context.id;
+        let record = PodRecord {
+            id: id.clone(),
+            netns_path: context.netns.clone(),
+            hostname: context.hostname.clone(),
+            created_at: sandbox.created_at,
+            holder: ProcessId::of(context.holder_pid)?,
+            relay,
+            cgroup_path: context.cgroup_path.clone(),
+        };
+        crate::state::write_json(&self.pod_dir(id).join("pod.json"), &record)
+            .with_context(|| format!("record pod {id:?}"))
+    }
+
+    /// Finds the pods recorded in `<state_dir>/pods` again. A pod whose processes are
+    /// gone is known as stopped, so that containerd can stop and remove it.
+    async fn recover_pods(&self) -> anyhow::Result<()> {
+        let dir = self.state_dir.join("pods");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(err).with_context(|| format!("read {}", dir.display())),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path().join("pod.json");
+            let record: PodRecord = match crate::state::read_json(&path) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::warn!(record = %path.display(), error = format!("{err:#}"), "unreadable pod record: ignored");
+                    continue;
+                }
+            };
+            if crate::id::validate("sandbox", &record.id).is_err()
+                || entry.file_name().to_str() != Some(record.id.as_str())
+            {
+                tracing::warn!(record = %path.display(), "pod record names another pod: ignored");
+                continue;
+            }
+            let id = record.id.clone();
+            let sandbox = Arc::new(PodSandbox {
+                request: SandboxRequest {
+                    id: id.clone(),
+                    netns_path: record.netns_path.clone(),
+                    ..Default::default()
+                },
+                created_at: record.created_at,
+                socket: self.task_socket(&id),
+                files: PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, &id),
+                exit: watch::channel(None).0,
+                running: Default::default(),
+            });
+            match self.resume_pod(&record, &sandbox).await {
+                Ok(running) => {
+                    tracing::info!(sandbox_id = %id, pid = running.holder_pid, address = %running.address, containers = running.tasks.container_ids().len(), "sandbox recovered");
+                    *sandbox.running.lock().await = Some(running);
+                }
+                Err(err) => {
+                    tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "sandbox not running any more: known as stopped");
+                    self.abandon_pod(&record).await;
+                    record_exit(&sandbox.exit, (255, SystemTime::now()));
+                }
+            }
+            self.lock().insert(id, sandbox);
+        }
+        Ok(())
+    }
+
+    /// Serves a recorded pod again, if its processes still run.
+    async fn resume_pod(
+        &self,
+        record: &PodRecord,
+        sandbox: &PodSandbox<R>,
+    ) -> anyhow::Result<Running<R>> {
+        let id = &record.id;
+        if !record.holder.is_alive() {
+            anyhow::bail!("its namespace holder {} is gone", record.holder.pid);
+        }
+        let holder_exit = crate::process::watch_end(record.holder.pid)?;
+        let context = PodContext {
+            id: id.clone(),
+            holder_pid: record.holder.pid,
+            netns: record.netns_path.clone(),
+            hostname: record.hostname.clone(),
+            cgroup_path: record.cgroup_path.clone(),
+            fifo_keeper: Some(self.relay_sockets(id).fifos),
+        };
+        let pod_exit = self.runtime.recover_pod(&context).await?;
+        let tasks = TaskService::recover(
+            id,
+            self.runtime.clone(),
+            self.events.clone(),
+            self.pod_dir(id).join("containers"),
+        )
+        .await?;
+        let tasks = Arc::new(tasks);
+        let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
+        let relay = if record.relay.is_alive() {
+            record.relay
+        } else {
+            tracing::warn!(sandbox_id = %id, pid = record.relay.pid, "the task relay is gone: containerd's open task connections are lost");
+            crate::relay::spawn(&self.relay_sockets(id), &sandbox.socket).await?
+        };
+        let cgroup = match &record.cgroup_path {
+            Some(path) => Some(Cgroup::existing(path)?),
+            None => None,
+        };
+        watch_pod_exit(id, sandbox, pod_exit);
+        let holder_exited = watch_holder(id, sandbox, record.holder.pid, holder_exit);
+        Ok(Running {
+            holder_pid: record.holder.pid,
+            relay: Some(relay),
+            holder_exited,
+            tasks,
+            server,
+            cgroup,
+            address: format!("ttrpc+unix://{}", self.relay_sockets(id).tasks.display()),
+        })
+    }
+
+    /// Kills a pod's task relay and removes its sockets.
+    fn end_relay(&self, id: &str, relay: ProcessId) {
+        relay.signal(Signal::SIGKILL);
+        let sockets = self.relay_sockets(id);
+        for socket in [sockets.tasks, sockets.fifos] {
+            if let Err(err) = std::fs::remove_file(&socket) {
+                if err.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(sandbox_id = %id, socket = %socket.display(), error = %err, "cannot remove a relay socket");
+                }
+            }
+        }
+    }
+
+    /// Ends what is left of a recorded pod that cannot be served again.
+    async fn abandon_pod(&self, record: &PodRecord) {
+        self.end_relay(&record.id, record.relay);
+        record.holder.signal(Signal::SIGKILL);
+        if let Err(err) = self.runtime.stop_pod(&record.id).await {
+            tracing::warn!(sandbox_id = %record.id, error = %err, "cannot stop what is left of the pod");
+        }
     }
 
     async fn stop_pod(&self, id: &str, running: &Running<R>, grace: Duration) {
@@ -217,6 +410,45 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             }
         }
     }
+}
+
+/// Records the pod's exit when the family's pod-wide process (if any) ends.
+fn watch_pod_exit<R>(id: &str, sandbox: &PodSandbox<R>, pod_exit: Option<ExitReceiver>) {
+    let Some(pod_exit) = pod_exit else {
+        return;
+    };
+    let exit = sandbox.exit.clone();
+    let sandbox_id = id.to_string();
+    tokio::spawn(async move {
+        let status = pod_exit
+            .await
+            .map(|s| (s.code as u32, s.at))
+            .unwrap_or((255, SystemTime::now()));
+        tracing::info!(%sandbox_id, exit_code = status.0, "the pod's own process exited");
+        record_exit(&exit, status);
+    });
+}
+
+/// Records the pod's exit when its namespace holder ends; the receiver turns true then.
+fn watch_holder<R>(
+    id: &str,
+    sandbox: &PodSandbox<R>,
+    holder_pid: u32,
+    holder_exit: ExitReceiver,
+) -> watch::Receiver<bool> {
+    let exit = sandbox.exit.clone();
+    let sandbox_id = id.to_string();
+    let (holder_gone, holder_exited) = watch::channel(false);
+    tokio::spawn(async move {
+        let status = holder_exit
+            .await
+            .map(|s| (s.code as u32, s.at))
+            .unwrap_or((255, SystemTime::now()));
+        tracing::info!(%sandbox_id, pid = holder_pid, exit_code = status.0, "namespace holder exited");
+        holder_gone.send_replace(true);
+        record_exit(&exit, status);
+    });
+    holder_exited
 }
 
 /// Records the first exit of a pod; later ones (its holder after its kernel) are not news.
@@ -270,14 +502,30 @@ impl Drop for Cleanup {
     }
 }
 
+impl<R: ContainerRuntime> PodSandboxer<R> {
+    /// Removes the records of pod `id`, if it has any.
+    fn forget_records(&self, id: &str) -> anyhow::Result<()> {
+        let dir = self.pod_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err).with_context(|| format!("remove {}", dir.display())),
+        }
+    }
+}
+
 #[async_trait]
 impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
+    async fn recover(&self) -> anyhow::Result<()> {
+        if !self.runtime.recoverable() {
+            return Ok(());
+        }
+        self.recover_pods().await
+    }
+
     async fn create(&self, request: SandboxRequest) -> Result<()> {
         let id = request.id.clone();
-        let socket = self
-            .state_dir
-            .join("sockets")
-            .join(format!("{:016x}.sock", fnv1a(&id)));
+        let socket = self.task_socket(&id);
         let files = PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, &id);
         {
             let mut sandboxes = self.lock();
@@ -412,11 +660,16 @@ impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
             }
         }
         if let Some(started) = running.take() {
+            if let Some(relay) = started.relay {
+                self.end_relay(id, relay);
+            }
             started.server.shutdown().await;
         }
         sandbox
             .files
             .remove()
+            .map_err(|err| Error::Internal(err.context(format!("shut down sandbox {id:?}"))))?;
+        self.forget_records(id)
             .map_err(|err| Error::Internal(err.context(format!("shut down sandbox {id:?}"))))?;
         if sandbox.exit.borrow().is_none() {
             sandbox.exit.send_replace(Some(SandboxExit {

@@ -817,6 +817,47 @@ impl Harness {
         }
         first_error.map_or(Ok(()), Err)
     }
+
+    /// Kills the vmm sandboxer with SIGKILL, as a crash would, and starts it again with
+    /// the same configuration; returns once it serves its socket. Its log goes on in the
+    /// same file.
+    pub fn restart_vmm_sandboxer(&mut self) -> Result<()> {
+        let daemon = self
+            .vmm_sandboxer
+            .as_mut()
+            .context("the harness runs no vmm sandboxer")?;
+        if daemon.exited().is_none() {
+            cleanup::signal(daemon.pid(), libc::SIGKILL)?;
+            daemon
+                .child
+                .wait()
+                .context("cannot reap the killed vmm sandboxer")?;
+        }
+        let path_env = format!("{}:{SYSTEM_PATH}", containerd_bin_dir()?.display());
+        let mut command = Command::new(vmm_sandboxer_binary()?);
+        command.arg("--config").arg(&self.layout.vmm_config);
+        let mut restarted =
+            Daemon::spawn_appending("vmm-sandboxer", command, &self.layout.vmm_log, &path_env)?;
+        // The old socket file is still there: wait for the new process to answer on it.
+        let socket = self.layout.vmm_socket.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = restarted.exited() {
+                bail!("the restarted vmm sandboxer exited: {status}");
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the restarted vmm sandboxer did not serve {} within 30s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.vmm_sandboxer = Some(restarted);
+        Ok(())
+    }
 }
 
 impl Drop for Harness {
@@ -1058,6 +1099,33 @@ impl Daemon {
     fn spawn(name: &'static str, mut command: Command, log: &Path, path_env: &str) -> Result<Self> {
         let out =
             fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone().context("cannot duplicate log file")?;
+        let child = command
+            .env("PATH", path_env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", command.get_program()))?;
+        Ok(Self {
+            name,
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Like [`Daemon::spawn`], appending to `log` instead of starting it afresh.
+    fn spawn_appending(
+        name: &'static str,
+        mut command: Command,
+        log: &Path,
+        path_env: &str,
+    ) -> Result<Self> {
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
         let err = out.try_clone().context("cannot duplicate log file")?;
         let child = command
             .env("PATH", path_env)

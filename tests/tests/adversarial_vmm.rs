@@ -603,49 +603,122 @@ async fn guest_kernel_crash_turns_the_pod_notready_and_ends_its_containers() -> 
     .await
 }
 
-/// The sandboxer is SIGKILLed while a pod runs. It does not re-adopt pods when restarted;
-/// CRI calls that need it must fail in bounded time, and once the harness has torn
-/// everything down no QEMU, vsock backend, mount or state file of the run may be left.
+/// A container that prints a numbered line every 300 ms and exits 7 on SIGTERM.
+const TICKING_SHELL: &str =
+    "trap 'exit 7' TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done";
+
+/// The highest `tick <n>` line in `log`.
+fn last_tick(log: &str) -> Option<u32> {
+    log.lines()
+        .filter_map(|line| line.strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+}
+
+/// The sandboxer is SIGKILLed while a pod's container keeps printing. While it is away a
+/// new pod fails in bounded time. Started again, it takes the running VM over: the same
+/// QEMU, the pod ready, the container running on with its output still reaching the log,
+/// exec working, its stop reporting the container's own exit code, and removal leaving
+/// nothing behind.
 #[tokio::test]
-async fn killed_sandboxer_gives_errors_not_hangs_and_teardown_cleans_up() -> Result<()> {
+async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
     let _slots = VmSlots::take(1);
-    let h = Harness::start_with_vmm_sandboxer().await?;
+    let mut h = Harness::start_with_vmm_sandboxer().await?;
     let layout = h.layout().clone();
     let outcome: Result<()> = async {
-        let pod = h.run_pod("orphan", KUASAR_VMM_HANDLER).await?;
-        let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
-        let id = h.start_container(&pod, &shell).await?;
+        let pod = h.run_pod("survivor", KUASAR_VMM_HANDLER).await?;
+        let ticker = h.container_config("ticker", BUSYBOX_IMAGE, &["sh", "-c", TICKING_SHELL]);
+        let id = h.start_container(&pod, &ticker).await?;
+        wait_until("the container prints", EXIT_TIMEOUT, || {
+            h.container_log(&pod, &ticker)
+                .is_ok_and(|log| last_tick(&log).is_some_and(|n| n >= 2))
+        })
+        .await?;
         let qemu = qemu_of(&h, &pod)?;
+        let started_at = h.cri().container_status(&id).await?.started_at;
+
         let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
         cleanup::signal(sandboxer, libc::SIGKILL)?;
         wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
             !process_alive(sandboxer)
         })
         .await?;
-
-        let exec = bounded("ExecSync", h.cri().exec_sync(&id, &["true"], 5)).await?;
-        let config = h.pod_config("after-kill")?;
+        let config = h.pod_config("while-away")?;
         let run = bounded(
             "RunPodSandbox",
             h.cri().run_pod(&config, KUASAR_VMM_HANDLER),
         )
         .await?;
-        let stop = bounded("StopPodSandbox", h.cri().stop_pod(&pod.id)).await?;
-        let remove = bounded("RemovePodSandbox", h.cri().remove_pod(&pod.id)).await?;
-        eprintln!(
-            "after SIGKILL of the sandboxer: QEMU alive {}, exec {:?}, run {:?}, stop {:?}, \
-             remove {:?}",
-            process_alive(qemu),
-            exec.as_ref().map(|r| r.exit_code),
-            run.as_ref().map_err(|e| format!("{e:#}")),
-            stop.as_ref().map_err(|e| format!("{e:#}")),
-            remove.as_ref().map_err(|e| format!("{e:#}")),
-        );
         ensure!(run.is_err(), "a pod ran without a sandboxer");
+        let tick_at_restart = last_tick(&h.container_log(&pod, &ticker)?).unwrap_or(0);
+
+        h.restart_vmm_sandboxer()?;
         ensure!(
-            exec.as_ref().map_or(true, |r| r.exit_code != 0),
-            "an exec succeeded without a sandboxer: {exec:?}"
+            process_alive(qemu) && qemu_of(&h, &pod)? == qemu,
+            "the VM did not survive the sandboxer's restart"
         );
+        // containerd dials the sandboxer again after its own back-off.
+        let began = Instant::now();
+        let status = loop {
+            match h.cri().pod_status(&pod.id).await {
+                Ok(status) => break status,
+                Err(err) if began.elapsed() < CALL_TIMEOUT => {
+                    eprintln!("PodSandboxStatus after the restart: {err:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err.context("PodSandboxStatus after the restart")),
+            }
+        };
+        eprintln!(
+            "containerd reached the restarted sandboxer after {:?}",
+            began.elapsed()
+        );
+        ensure!(
+            status.state == PodSandboxState::SandboxReady as i32,
+            "the pod is not ready after the restart: {status:?}"
+        );
+        let container = bounded("ContainerStatus", h.cri().container_status(&id)).await??;
+        ensure!(
+            container.state == ContainerState::ContainerRunning as i32
+                && container.started_at == started_at,
+            "the container did not run on: {} started at {} (was {started_at})",
+            state_name(container.state),
+            container.started_at
+        );
+        wait_until(
+            "output written after the restart reaches the log",
+            EXIT_TIMEOUT,
+            || {
+                h.container_log(&pod, &ticker)
+                    .is_ok_and(|log| last_tick(&log).is_some_and(|n| n >= tick_at_restart + 5))
+            },
+        )
+        .await?;
+
+        let exec = bounded(
+            "ExecSync",
+            h.cri()
+                .exec_sync(&id, &["sh", "-c", "echo still here; exit 4"], 30),
+        )
+        .await??;
+        ensure!(
+            exec.exit_code == 4 && text(&exec.stdout).trim() == "still here",
+            "exec after the restart: exit {} stdout {:?} stderr {:?}",
+            exec.exit_code,
+            text(&exec.stdout),
+            text(&exec.stderr)
+        );
+
+        bounded("StopContainer", h.cri().stop_container(&id, 10)).await??;
+        let stopped = h.cri().container_status(&id).await?;
+        ensure!(
+            stopped.state == ContainerState::ContainerExited as i32 && stopped.exit_code == 7,
+            "stop after the restart: {} exit {}",
+            state_name(stopped.state),
+            stopped.exit_code
+        );
+        h.remove_pod_and_check(&pod).await?;
+        ensure!(vm_gone(&h, &pod), "the VM was left after removal");
         Ok(())
     }
     .await;

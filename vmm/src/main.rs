@@ -23,6 +23,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     kuasar_sandbox::holder::run_if_requested();
+    kuasar_sandbox::relay::run_if_requested();
 
     let cli = Cli::parse();
     let result = cli.common.load::<VmmSettings>(FAMILY).and_then(|config| {

@@ -15,18 +15,22 @@ use anyhow::Context;
 use async_trait::async_trait;
 use containerd_shim_protos::api::{
     CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
-    ResizePtyRequest, ResumeRequest, StartRequest, StatsRequest, UpdateTaskRequest, WaitRequest,
+    ResizePtyRequest, ResumeRequest, StartRequest, StateRequest, StatsRequest, UpdateTaskRequest,
+    WaitRequest,
 };
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::{Client, TaskClient};
+use containerd_shim_protos::types::task::Status;
 use kuasar_sandbox::error::{Error, Result};
 use kuasar_sandbox::io::Console;
+use kuasar_sandbox::process::{self, ProcessId};
 use kuasar_sandbox::reaper::{ExitReceiver, ExitStatus};
 use kuasar_sandbox::task::{
     ContainerRuntime, CreateContainer, ExecProcess, KillTarget, PodContext, Spawned,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use kuasar_sandbox::task::{RecoverContainer, RecoveredContainer, RecoveredProcess, RunState};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use vmm_task::api::agent::{
     CheckRequest, Interface, Route, SetupSandboxRequest, SyncClockRequest, WaitOomRequest,
@@ -66,6 +70,23 @@ const UNKNOWN_EXIT: i32 = 255;
 /// Length of the sandbox id prefix naming a VM's directory: unix socket paths inside it
 /// must stay short.
 const VM_DIR_NAME_LEN: usize = 16;
+
+/// The record of a running VM in its directory, for a restarted sandboxer.
+const VM_RECORD: &str = "vm.json";
+
+/// How long a restarted sandboxer tries to reach the agent of a running VM.
+const AGENT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a restarted sandboxer needs to take a running VM over.
+#[derive(Debug, Serialize, Deserialize)]
+struct VmRecord {
+    spec: VmSpec,
+    qemu: ProcessId,
+    vsock: Option<ProcessId>,
+    /// The pod's network namespace and the interface the VM took over.
+    netns: PathBuf,
+    interface: String,
+}
 
 /// The pod's network namespace and what the VM takes over of it.
 struct PodNet {
@@ -136,6 +157,11 @@ impl Vm {
     fn is_gone(&self) -> bool {
         self.gone.load(Ordering::SeqCst)
     }
+}
+
+/// Where the streams a VM's stdio ports copy are recorded.
+fn stdio_records(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("stdio")
 }
 
 fn share_dir(vm_dir: &Path) -> PathBuf {
@@ -338,6 +364,56 @@ impl VmRuntime {
         }
     }
 
+    /// Asks the agent about process `exec_id` (empty: the init) of a container and
+    /// watches its exit.
+    async fn recover_process(
+        vm: &Arc<Vm>,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<RecoveredProcess> {
+        let request = StateRequest {
+            id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        let state = vm
+            .tasks
+            .state(context(), &request)
+            .await
+            .map_err(|err| agent_error(&format!("state of container {container_id:?}"), err))?;
+        let state_now = match state.status.enum_value_or_default() {
+            Status::CREATED => RunState::Created,
+            Status::PAUSED | Status::PAUSING => RunState::Paused,
+            _ => RunState::Running,
+        };
+        Ok(RecoveredProcess {
+            pid: state.pid,
+            state: state_now,
+            exit: Self::watch_exit(vm, container_id, exec_id),
+        })
+    }
+
+    /// Ends the processes of a VM known only by its record (one the sandboxer could not
+    /// take over after a restart).
+    async fn stop_recorded_vm(&self, id: &str) {
+        let path = self.vm_dir(id).join(VM_RECORD);
+        let Ok(record) = kuasar_sandbox::state::read_json::<VmRecord>(&path) else {
+            return;
+        };
+        record.qemu.signal(Signal::SIGKILL);
+        if let Some(vsock) = record.vsock {
+            vsock.signal(Signal::SIGKILL);
+        }
+        for _ in 0..50 {
+            if !record.qemu.is_alive() && !record.vsock.is_some_and(|v| v.is_alive()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        network::disconnect(&record.netns, &record.interface).await;
+        tracing::info!(sandbox_id = %id, pid = record.qemu.pid, "recorded VM ended");
+    }
+
     /// Removes what a VM left in `dir`: mounts first, then the files.
     fn remove_vm_dir(dir: &Path) -> anyhow::Result<()> {
         if !dir.exists() {
@@ -468,42 +544,19 @@ pub fn host_tsc_khz() -> u64 {
         .unwrap_or(2_000_000)
 }
 
-/// Resolves when process `pid` ends, whoever reaps it.
-fn watch_process_end(pid: u32) -> anyhow::Result<ExitReceiver> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
-    // memory of ours is involved.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open {pid}"));
-    }
-    // SAFETY: the descriptor was just returned to us and is owned by nothing else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and always the same
-    // descriptor, until the AsyncFd is dropped.
-    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
-        .map_err(|err| anyhow::anyhow!("watch the pidfd of {pid}: {err}"))?;
-    let (sender, receiver) = oneshot::channel();
-    tokio::spawn(async move {
-        // A pidfd becomes readable when its process terminates.
-        let _ = fd.readable().await;
-        let _ = sender.send(ExitStatus::now(UNKNOWN_EXIT));
-    });
-    Ok(receiver)
-}
-
 /// Watches the VM's processes: once QEMU ends, the VM is marked gone and the returned
 /// receiver (the pod's exit) fires; a helper process (the vsock backend) that ends
 /// leaves the VM unreachable, so QEMU is ended with it.
-fn watch_vm(vm: &Arc<Vm>, qemu_pid: u32, helper_pids: Vec<u32>) -> anyhow::Result<ExitReceiver> {
-    let qemu_end = watch_process_end(qemu_pid)?;
+fn watch_vm(vm: &Arc<Vm>, qemu: ProcessId, helper_pids: Vec<u32>) -> anyhow::Result<ExitReceiver> {
+    let qemu_pid = qemu.pid;
+    let qemu_end = process::watch_end(qemu_pid)?;
     for helper in helper_pids {
-        let helper_end = watch_process_end(helper)?;
+        let helper_end = process::watch_end(helper)?;
         let vm = vm.clone();
         tokio::spawn(async move {
             if helper_end.await.is_ok() && !vm.is_gone() {
                 tracing::error!(sandbox_id = %vm.id, pid = helper, "a helper process of the VM ended: the VM is stopped");
-                // QEMU is a child of ours that has not been reaped: the pid is still its.
-                let _ = kill(Pid::from_raw(qemu_pid as i32), Signal::SIGKILL);
+                qemu.signal(Signal::SIGKILL);
             }
         });
     }
@@ -812,9 +865,17 @@ impl ContainerRuntime for VmRuntime {
             .map_err(|err| {
                 Error::Internal(err.context(format!("boot the VM of pod {:?}", pod.id)))
             })?;
-        let pid = qemu.pid().context("QEMU has no pid")?;
+        let (spec, qemu_id, vsock_id) = qemu.record()?;
+        let pid = qemu_id.pid;
         let helper_pids = qemu.helper_pids();
         let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
+        let record = VmRecord {
+            spec,
+            qemu: qemu_id,
+            vsock: vsock_id,
+            netns: net.netns.clone(),
+            interface: net.network.interface.name.clone(),
+        };
         let vm = Arc::new(Vm {
             id: pod.id.clone(),
             dir: dir.clone(),
@@ -823,11 +884,14 @@ impl ContainerRuntime for VmRuntime {
             hypervisor: tokio::sync::Mutex::new(qemu),
             tasks: TaskClient::new(client.clone()),
             agent: AgentClient::new(client.clone()),
-            stdio: StdioPorts::new(uds),
+            stdio: StdioPorts::new(uds, stdio_records(&dir), pod.fifo_keeper.clone())?,
             execs: Default::default(),
             gone: AtomicBool::new(false),
         });
         lock(&self.pods).insert(pod.id.clone(), vm.clone());
+        kuasar_sandbox::state::write_json(&dir.join(VM_RECORD), &record).map_err(|err| {
+            Error::Internal(err.context(format!("record the VM of pod {:?}", pod.id)))
+        })?;
 
         let agent = AgentClient::new(client);
         let now = SystemTime::now()
@@ -878,13 +942,96 @@ impl ContainerRuntime for VmRuntime {
             guest_uptime_ms = times.guest_uptime.as_millis() as u64,
             "VM running, agent answering"
         );
-        watch_vm(&vm, pid, helper_pids)
+        watch_vm(&vm, qemu_id, helper_pids)
             .map(Some)
             .map_err(Error::Internal)
     }
 
+    fn recoverable(&self) -> bool {
+        true
+    }
+
+    async fn recover_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
+        let dir = self.vm_dir(&pod.id);
+        let record: VmRecord =
+            kuasar_sandbox::state::read_json(&dir.join(VM_RECORD)).map_err(Error::Internal)?;
+        let qemu = Qemu::adopt(
+            record.spec,
+            self.settings.hypervisor.clone(),
+            record.qemu,
+            record.vsock,
+        )
+        .map_err(Error::Internal)?;
+        let uds = qemu.vsock_uds().context("the VM has no vsock device")?;
+        let stream =
+            crate::vsock::connect_with_retry(&uds, vmm_task::AGENT_PORT, AGENT_RECONNECT_TIMEOUT)
+                .await
+                .map_err(|err| {
+                    Error::Internal(err.context(format!("reach the agent of pod {:?}", pod.id)))
+                })?;
+        let client = Client::new(ttrpc::r#async::transport::Socket::from(stream));
+        let agent = AgentClient::new(client.clone());
+        let check = agent
+            .check(context(), &CheckRequest::new())
+            .await
+            .map_err(|err| agent_error("the agent's health check", err))?;
+        let helper_pids = qemu.helper_pids();
+        let vm = Arc::new(Vm {
+            id: pod.id.clone(),
+            dir: dir.clone(),
+            netns: record.netns,
+            interface: record.interface,
+            hypervisor: tokio::sync::Mutex::new(qemu),
+            tasks: TaskClient::new(client),
+            agent,
+            stdio: StdioPorts::recover(uds, stdio_records(&dir), pod.fifo_keeper.clone())
+                .map_err(Error::Internal)?,
+            execs: Default::default(),
+            gone: AtomicBool::new(false),
+        });
+        lock(&self.pods).insert(pod.id.clone(), vm.clone());
+        tracing::info!(sandbox_id = %pod.id, pid = record.qemu.pid, guest_uptime_ms = check.uptime_ms, "VM taken over");
+        watch_vm(&vm, record.qemu, helper_pids)
+            .map(Some)
+            .map_err(Error::Internal)
+    }
+
+    async fn recover_container(&self, container: &RecoverContainer) -> Result<RecoveredContainer> {
+        let id = &container.id;
+        let spec = crate::share::load_spec(&container.bundle)
+            .map_err(|err| Error::InvalidArgument(format!("{err:#}")))?;
+        let sandbox_id = sandbox_of(&spec, &container.bundle)?;
+        let vm = lock(&self.pods).get(&sandbox_id).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod {sandbox_id:?} of container {id:?} has no running VM"
+            ))
+        })?;
+        let init = Self::recover_process(&vm, id, "").await?;
+        let mut execs = Vec::new();
+        for exec_id in &container.execs {
+            match Self::recover_process(&vm, id, exec_id).await {
+                Ok(process) => {
+                    lock(&vm.execs).insert(process.pid, exec_id.clone());
+                    execs.push((exec_id.clone(), process));
+                }
+                Err(err) => {
+                    tracing::warn!(container_id = %id, %exec_id, error = %err, "exec process not recovered")
+                }
+            }
+        }
+        lock(&self.containers).insert(id.clone(), vm.clone());
+        Ok(RecoveredContainer {
+            init,
+            execs,
+            oom: Some(watch_oom(&vm, id)),
+        })
+    }
+
     async fn stop_pod(&self, id: &str) -> Result<()> {
         let vm = lock(&self.pods).remove(id);
+        if vm.is_none() {
+            self.stop_recorded_vm(id).await;
+        }
         if let Some(vm) = &vm {
             lock(&self.containers).retain(|_, v| !Arc::ptr_eq(v, vm));
             vm.hypervisor

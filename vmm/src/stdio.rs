@@ -5,6 +5,10 @@
 //! and tells the agent to connect there. Output is copied from the connection into
 //! containerd's FIFO, input from containerd's FIFO into the connection; each copy ends
 //! with its stream.
+//!
+//! Each stream being copied is recorded in the VM's directory, so that a restarted
+//! sandboxer listens again for the output streams of running processes: the agent keeps
+//! their FIFOs open and reconnects. Input streams are not carried over a restart.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -14,10 +18,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kuasar_sandbox::io::{copy_until_closed, Stdio};
+use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 /// How long the agent gets to connect a stream once asked to.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a restarted sandboxer waits for the agent to reconnect a recorded stream;
+/// a stream whose process ended meanwhile never is.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// First hybrid vsock port handed out for stdio.
 const FIRST_PORT: u32 = 10_000;
@@ -27,10 +36,21 @@ const FIRST_PORT: u32 = 10_000;
 pub struct StdioPorts {
     uds: PathBuf,
     next: AtomicU32,
+    /// One record per stream being copied, named by its port.
+    records: PathBuf,
+    /// The process holding containerd's output FIFOs open across a restart.
+    fifo_keeper: Option<PathBuf>,
+}
+
+/// A stream being copied, as recorded for a restarted sandboxer.
+#[derive(Debug, Serialize, Deserialize)]
+struct StreamRecord {
+    fifo: PathBuf,
+    direction: Direction,
 }
 
 /// Which way a stream flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Direction {
     /// containerd's FIFO into the guest (stdin).
     In,
@@ -39,12 +59,83 @@ enum Direction {
 }
 
 impl StdioPorts {
-    /// Ports of the VM whose hybrid vsock socket is `uds`.
-    pub fn new(uds: PathBuf) -> Self {
-        Self {
+    /// Ports of the VM whose hybrid vsock socket is `uds`, recording streams in `records`.
+    /// `fifo_keeper` is asked to hold each output FIFO while its stream is copied.
+    pub fn new(
+        uds: PathBuf,
+        records: PathBuf,
+        fifo_keeper: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&records)
+            .with_context(|| format!("create {}", records.display()))?;
+        Ok(Self {
             uds,
             next: AtomicU32::new(FIRST_PORT),
+            records,
+            fifo_keeper,
+        })
+    }
+
+    /// The ports of a VM an earlier run of the sandboxer served: listens again for the
+    /// recorded output streams, which the agent reconnects.
+    pub fn recover(
+        uds: PathBuf,
+        records: PathBuf,
+        fifo_keeper: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let ports = Self::new(uds, records, fifo_keeper)?;
+        let entries = std::fs::read_dir(&ports.records)
+            .with_context(|| format!("read {}", ports.records.display()))?;
+        let mut next = FIRST_PORT;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(port) = path
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            next = next.max(port + 1);
+            let record: StreamRecord = match kuasar_sandbox::state::read_json(&path) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "unreadable stdio record: ignored"
+                    );
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            if record.direction == Direction::In {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            tracing::info!(port, fifo = %record.fifo.display(), "listening again for an output stream");
+            ports.listen(port, record, RECONNECT_TIMEOUT)?;
         }
+        ports.next.store(next, Ordering::Relaxed);
+        Ok(ports)
+    }
+
+    fn record_path(&self, port: u32) -> PathBuf {
+        self.records.join(format!("{port}.json"))
+    }
+
+    /// Listens on `port` and copies the stream once the guest connects.
+    fn listen(&self, port: u32, record: StreamRecord, timeout: Duration) -> anyhow::Result<()> {
+        let socket = crate::vsock::listener_path(&self.uds, port);
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("listen for stdio on {}", socket.display()))?;
+        let path = self.record_path(port);
+        kuasar_sandbox::state::write_json(&path, &record)?;
+        let keeper = self.fifo_keeper.clone();
+        tokio::spawn(copy_when_connected(
+            listener, socket, record, path, keeper, timeout,
+        ));
+        Ok(())
     }
 
     /// Listens for each stream of `stdio` and returns the stdio to send to the agent:
@@ -61,33 +152,46 @@ impl StdioPorts {
                 continue;
             }
             let port = self.next.fetch_add(1, Ordering::Relaxed);
-            let socket = crate::vsock::listener_path(&self.uds, port);
-            let _ = std::fs::remove_file(&socket);
-            let listener = UnixListener::bind(&socket)
-                .with_context(|| format!("listen for stdio on {}", socket.display()))?;
-            tokio::spawn(copy_when_connected(
-                listener,
-                socket,
-                PathBuf::from(fifo),
+            let record = StreamRecord {
+                fifo: PathBuf::from(fifo),
                 direction,
-            ));
+            };
+            self.listen(port, record, CONNECT_TIMEOUT)?;
             *slot = vmm_task::stdio::host_address(port);
         }
         Ok(guest)
     }
 }
 
+/// Copies the stream once the guest connects, then forgets its record.
 async fn copy_when_connected(
     listener: UnixListener,
     socket: PathBuf,
-    fifo: PathBuf,
-    direction: Direction,
+    stream: StreamRecord,
+    record: PathBuf,
+    keeper: Option<PathBuf>,
+    timeout: Duration,
 ) {
-    let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
+    copy_connection(listener, socket, stream, keeper, timeout).await;
+    let _ = std::fs::remove_file(&record);
+}
+
+async fn copy_connection(
+    listener: UnixListener,
+    socket: PathBuf,
+    record: StreamRecord,
+    keeper: Option<PathBuf>,
+    timeout: Duration,
+) {
+    let StreamRecord { fifo, direction } = record;
+    let accepted = tokio::time::timeout(timeout, listener.accept()).await;
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     let stream = match accepted {
-        Ok(Ok((stream, _))) => stream,
+        Ok(Ok((stream, _))) => {
+            tracing::debug!(socket = %socket.display(), "stdio stream connected");
+            stream
+        }
         Ok(Err(err)) => {
             tracing::warn!(socket = %socket.display(), error = %err, "stdio connection failed");
             return;
@@ -108,16 +212,39 @@ async fn copy_when_connected(
         }
     };
     // FIFOs block; each copy gets a thread of its own.
-    let _ = tokio::task::spawn_blocking(move || copy_stream(stream, &fifo, direction)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        copy_stream(stream, &fifo, direction, keeper.as_deref())
+    })
+    .await;
 }
 
-fn copy_stream(mut stream: StdUnixStream, fifo: &Path, direction: Direction) {
+/// Asks the keeper, if any, to hold or let go of `fifo`; a failure only costs the
+/// stream's survival across a restart.
+fn keep_fifo(keeper: Option<&Path>, fifo: &Path, hold: bool) {
+    let Some(keeper) = keeper else {
+        return;
+    };
+    if let Err(err) = kuasar_sandbox::relay::keep_fifo(keeper, fifo, hold) {
+        tracing::warn!(fifo = %fifo.display(), error = format!("{err:#}"), "output FIFO not kept across a restart");
+    }
+}
+
+fn copy_stream(
+    mut stream: StdUnixStream,
+    fifo: &Path,
+    direction: Direction,
+    keeper: Option<&Path>,
+) {
     match direction {
         Direction::Out => {
             // Read-write: never blocks, and containerd's reader sees the end of the
-            // stream when this copy closes its end.
+            // stream when this copy closes its end (and the keeper lets go of its own).
             match OpenOptions::new().read(true).write(true).open(fifo) {
-                Ok(mut to) => copy_until_closed(&mut stream, &mut to),
+                Ok(mut to) => {
+                    keep_fifo(keeper, fifo, true);
+                    copy_until_closed(&mut stream, &mut to);
+                    keep_fifo(keeper, fifo, false);
+                }
                 Err(err) => {
                     tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open output FIFO")
                 }

@@ -30,6 +30,10 @@ pub struct PodContext {
     pub hostname: String,
     /// The pod's cgroup (a cgroupfs path), when it has a cgroup parent.
     pub cgroup_path: Option<String>,
+    /// For pods that outlive the sandboxer: the socket of the process that holds
+    /// containerd's output FIFOs open while the sandboxer restarts
+    /// ([`crate::relay::keep_fifo`]).
+    pub fifo_keeper: Option<PathBuf>,
 }
 
 /// A container to create, as containerd describes it.
@@ -79,6 +83,50 @@ pub struct Spawned {
     /// Its terminal, when it runs on one.
     pub console: Option<Console>,
     /// OOM kills in the container's memory cgroup (init processes only).
+    pub oom: Option<crate::oom::OomReceiver>,
+}
+
+/// Where a process is in its life, short of its exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Created, waiting to be started.
+    Created,
+    /// Started.
+    Running,
+    /// Frozen.
+    Paused,
+}
+
+/// A container to find again after the sandboxer restarted, as the sandboxer recorded it.
+#[derive(Debug, Clone)]
+pub struct RecoverContainer {
+    /// Container id.
+    pub id: String,
+    /// Host directory holding its `config.json`.
+    pub bundle: PathBuf,
+    /// Ids of its exec processes that were started.
+    pub execs: Vec<String>,
+}
+
+/// A process the runtime found again.
+#[derive(Debug)]
+pub struct RecoveredProcess {
+    /// Its pid, as it was reported when it was created.
+    pub pid: u32,
+    /// Its state now.
+    pub state: RunState,
+    /// Delivers its exit (at once if it has exited).
+    pub exit: ExitReceiver,
+}
+
+/// A container the runtime found again, with the exec processes it still knows.
+#[derive(Debug)]
+pub struct RecoveredContainer {
+    /// The init process.
+    pub init: RecoveredProcess,
+    /// Exec processes by exec id; those the runtime no longer knows are left out.
+    pub execs: Vec<(String, RecoveredProcess)>,
+    /// OOM kills from now on.
     pub oom: Option<crate::oom::OomReceiver>,
 }
 
@@ -145,6 +193,31 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn start_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
         let _ = pod;
         Ok(None)
+    }
+
+    /// Whether this runtime's pods and containers outlive the sandboxer, so that a
+    /// restarted sandboxer finds them again ([`ContainerRuntime::recover_pod`],
+    /// [`ContainerRuntime::recover_container`]). Runtimes whose containers are the
+    /// sandboxer's children keep the default: their pods are not recorded.
+    fn recoverable(&self) -> bool {
+        false
+    }
+
+    /// Takes over the running pod-wide process of a pod started by an earlier run of the
+    /// sandboxer; like [`ContainerRuntime::start_pod`], the receiver delivers its exit.
+    async fn recover_pod(&self, pod: &PodContext) -> Result<Option<ExitReceiver>> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "recovering pod {:?} after a restart",
+            pod.id
+        )))
+    }
+
+    /// Finds a container of a recovered pod again.
+    async fn recover_container(&self, container: &RecoverContainer) -> Result<RecoveredContainer> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "recovering container {:?} after a restart",
+            container.id
+        )))
     }
 
     /// Stops what [`ContainerRuntime::start_pod`] started. Called once the pod's

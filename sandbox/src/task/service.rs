@@ -24,7 +24,10 @@ use containerd_shim_protos::types::task::{ProcessInfo, Status};
 use tokio::sync::watch;
 use ttrpc::r#async::TtrpcContext;
 
-use super::{ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Mount, Spawned};
+use super::{
+    ContainerRuntime, CreateContainer, ExecProcess, KillTarget, Mount, RecoverContainer, RunState,
+    Spawned,
+};
 use crate::error::{Error, Result};
 use crate::events::{timestamp, EventPublisher, TaskEvent};
 use crate::id;
@@ -46,6 +49,21 @@ pub struct TaskService<R> {
     /// Ids whose creation or deletion is under way: one at a time per id, while different
     /// containers are created and deleted concurrently.
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Where each container is recorded for a restarted sandboxer, for runtimes whose
+    /// containers outlive it.
+    records: Option<PathBuf>,
+}
+
+/// What a restarted sandboxer needs to serve a container again: what containerd told
+/// about it. Its processes' state comes from the runtime.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ContainerRecord {
+    id: String,
+    namespace: String,
+    bundle: String,
+    stdio: Stdio,
+    /// Stdio of the exec processes that were started, by exec id.
+    execs: std::collections::BTreeMap<String, Stdio>,
 }
 
 /// Holds an id in [`TaskService::busy`] until dropped.
@@ -87,13 +105,6 @@ struct Process {
     console: Option<Console>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunState {
-    Created,
-    Running,
-    Paused,
-}
-
 impl Process {
     fn exited(&self) -> Option<ExitStatus> {
         *self.exit.borrow()
@@ -118,6 +129,133 @@ impl<R: ContainerRuntime> TaskService<R> {
             events,
             containers: Default::default(),
             busy: Default::default(),
+            records: None,
+        }
+    }
+
+    /// Records every container in `dir` from now on, so that [`TaskService::recover`]
+    /// finds them after a restart.
+    pub fn with_records(mut self, dir: PathBuf) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        self.records = Some(dir);
+        Ok(self)
+    }
+
+    /// The task service of a sandbox served by an earlier run of the sandboxer: every
+    /// container recorded in `dir` that the runtime still knows, its processes watched
+    /// again. A container the runtime cannot find is forgotten, with a warning.
+    pub async fn recover(
+        sandbox_id: &str,
+        runtime: Arc<R>,
+        events: EventPublisher,
+        dir: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let service = Self::new(sandbox_id, runtime, events).with_records(dir.clone())?;
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|err| anyhow::anyhow!("read {}: {err}", dir.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|ext| ext != "json") {
+                continue;
+            }
+            let recovered = match crate::state::read_json::<ContainerRecord>(&path) {
+                Ok(record) => service.recover_container(record).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = recovered {
+                tracing::warn!(%sandbox_id, record = %path.display(), error = format!("{err:#}"), "container not recovered: forgotten");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(service)
+    }
+
+    async fn recover_container(&self, record: ContainerRecord) -> anyhow::Result<()> {
+        let request = RecoverContainer {
+            id: record.id.clone(),
+            bundle: PathBuf::from(&record.bundle),
+            execs: record.execs.keys().cloned().collect(),
+        };
+        let recovered = self.runtime.recover_container(&request).await?;
+        let (id, namespace) = (&record.id, &record.namespace);
+        let spawned = Spawned {
+            pid: recovered.init.pid,
+            exit: recovered.init.exit,
+            console: None,
+            oom: recovered.oom,
+        };
+        let mut init = self.monitor(spawned, id, "", namespace);
+        init.stdio = record.stdio.clone();
+        init.state = recovered.init.state;
+        let mut execs = HashMap::new();
+        for (exec_id, process) in recovered.execs {
+            let stdio = record.execs.get(&exec_id).cloned().unwrap_or_default();
+            let (sender, receiver) = watch::channel(None);
+            self.monitor_into(
+                process.exit,
+                sender.clone(),
+                process.pid,
+                id,
+                &exec_id,
+                namespace,
+            );
+            execs.insert(
+                exec_id,
+                Exec {
+                    spec: Vec::new(),
+                    stdio: stdio.clone(),
+                    exit: sender,
+                    process: Some(Process {
+                        pid: process.pid,
+                        stdio,
+                        state: process.state,
+                        exit: receiver,
+                        console: None,
+                    }),
+                },
+            );
+        }
+        tracing::info!(sandbox_id = %self.sandbox_id, container_id = %id, pid = init.pid, state = ?init.state, execs = execs.len(), "container recovered");
+        self.lock().insert(
+            id.clone(),
+            Container {
+                namespace: record.namespace,
+                bundle: record.bundle,
+                init,
+                execs,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes container `id`'s record (or removes it once the container is gone).
+    fn save(&self, id: &str) {
+        let Some(dir) = &self.records else {
+            return;
+        };
+        let path = dir.join(format!("{id}.json"));
+        let record = self.lock().get(id).map(|c| ContainerRecord {
+            id: id.to_string(),
+            namespace: c.namespace.clone(),
+            bundle: c.bundle.clone(),
+            stdio: c.init.stdio.clone(),
+            execs: c
+                .execs
+                .iter()
+                .filter(|(_, exec)| exec.process.is_some())
+                .map(|(exec_id, exec)| (exec_id.clone(), exec.stdio.clone()))
+                .collect(),
+        });
+        let written = match record {
+            None => match std::fs::remove_file(&path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),
+                _ => Ok(()),
+            },
+            Some(record) => crate::state::write_json(&path, &record),
+        };
+        if let Err(err) = written {
+            tracing::warn!(sandbox_id = %self.sandbox_id, container_id = %id, error = format!("{err:#}"), "cannot record the container: a restarted sandboxer will not know it");
         }
     }
 
@@ -293,6 +431,7 @@ impl<R: ContainerRuntime> TaskService<R> {
         };
         io::release_stdin(&stdin);
         self.lock().remove(id);
+        self.save(id);
         Ok((pid, exit, namespace))
     }
 }
@@ -409,6 +548,7 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
                 execs: HashMap::new(),
             },
         );
+        self.save(&req.id);
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, pid, "container created");
 
         let mut event = TaskCreate::new();
@@ -528,6 +668,7 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             exec.exit.clone()
         };
         self.monitor_into(spawned.exit, sender, pid, &req.id, &req.exec_id, &namespace);
+        self.save(&req.id);
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, exec_id = %req.exec_id, pid, "exec started");
         let mut event = TaskExecStarted::new();
         event.container_id = req.id;
@@ -622,6 +763,8 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
         };
         io::release_stdin(&exec.stdio.stdin);
         container.execs.remove(&req.exec_id);
+        drop(containers);
+        self.save(&req.id);
         Ok(DeleteResponse {
             pid,
             exit_status: exit.code as u32,

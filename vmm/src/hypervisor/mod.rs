@@ -12,10 +12,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How the guest's CPU is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accelerator {
     /// Hardware virtualisation through `/dev/kvm`.
@@ -27,7 +27,7 @@ pub enum Accelerator {
 }
 
 /// A directory of the host shared into the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
     /// The tag the guest mounts it by.
     pub tag: String,
@@ -38,7 +38,7 @@ pub struct Share {
 /// The VM's vsock device, served on the host as hybrid vsock: one unix socket through
 /// which the host reaches guest ports, and a unix socket per host port the guest
 /// connects to (see [`crate::vsock`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockSpec {
     /// The guest's context id (CID), its vsock address.
     pub guest_cid: u32,
@@ -62,7 +62,7 @@ impl VsockSpec {
 
 /// The VM's network card: a tap device in the pod's network namespace, which the
 /// hypervisor runs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSpec {
     /// The pod's network namespace (a path such as `/var/run/netns/cni-…`).
     pub netns: PathBuf,
@@ -73,7 +73,7 @@ pub struct NetworkSpec {
 }
 
 /// What a VM is made of.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Names the VM in messages and on the hypervisor's command line.
     pub id: String,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use kuasar_sandbox::process::ProcessId;
 use kuasar_sandbox::reaper::{self, ExitReceiver};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -84,11 +85,15 @@ pub struct Qemu {
     vsock: Option<Process>,
 }
 
-/// A child process of the VM, its exit delivered by the sandboxer's reaper.
+/// A process of the VM: a child whose exit the sandboxer's reaper delivers, or one
+/// started by an earlier run of the sandboxer, found again by its recorded identity.
 struct Process {
     pid: u32,
     exit: Option<ExitReceiver>,
     code: Option<i32>,
+    /// Set for an adopted process: its pid is signalled only while it is still the one
+    /// recorded.
+    adopted: Option<ProcessId>,
 }
 
 impl Process {
@@ -102,6 +107,20 @@ impl Process {
             pid: child.id(),
             exit: Some(exit),
             code: None,
+            adopted: None,
+        })
+    }
+
+    /// Takes over a process a former run of the sandboxer started.
+    fn adopt(id: ProcessId) -> anyhow::Result<Self> {
+        if !id.is_alive() {
+            anyhow::bail!("process {} has ended", id.pid);
+        }
+        Ok(Self {
+            pid: id.pid,
+            exit: Some(kuasar_sandbox::process::watch_end(id.pid)?),
+            code: None,
+            adopted: Some(id),
         })
     }
 
@@ -124,8 +143,14 @@ impl Process {
     /// Sends `signal` unless the process has been reaped (so its pid cannot belong to
     /// another process yet).
     fn signal(&self, signal: Signal) {
-        if self.code.is_none() {
-            let _ = kill(Pid::from_raw(self.pid as i32), signal);
+        if self.code.is_some() {
+            return;
+        }
+        match self.adopted {
+            Some(id) => id.signal(signal),
+            None => {
+                let _ = kill(Pid::from_raw(self.pid as i32), signal);
+            }
         }
     }
 
@@ -145,6 +170,39 @@ impl Qemu {
             qemu: None,
             vsock: None,
         }
+    }
+
+    /// A VM started by an earlier run of the sandboxer from `spec`, whose QEMU and vsock
+    /// backend still run as recorded.
+    pub fn adopt(
+        spec: VmSpec,
+        binary: PathBuf,
+        qemu: ProcessId,
+        vsock: Option<ProcessId>,
+    ) -> anyhow::Result<Self> {
+        let id = spec.id.clone();
+        let qemu = Process::adopt(qemu).with_context(|| format!("QEMU of VM {id:?}"))?;
+        let vsock = vsock
+            .map(Process::adopt)
+            .transpose()
+            .with_context(|| format!("vsock backend of VM {id:?}"))?;
+        Ok(Self {
+            spec,
+            binary,
+            qemu: Some(qemu),
+            vsock,
+        })
+    }
+
+    /// What to record to find this VM again: its spec, QEMU and the vsock backend.
+    pub fn record(&self) -> anyhow::Result<(VmSpec, ProcessId, Option<ProcessId>)> {
+        let qemu = self.qemu.as_ref().context("QEMU was never started")?;
+        let vsock = self
+            .vsock
+            .as_ref()
+            .map(|vsock| ProcessId::of(vsock.pid))
+            .transpose()?;
+        Ok((self.spec.clone(), ProcessId::of(qemu.pid)?, vsock))
     }
 
     fn qmp_socket(&self) -> PathBuf {

@@ -1,10 +1,17 @@
 //! Container stdio inside the guest: each stream the host addresses as
 //! `vsock://<cid>:<port>` becomes a FIFO the container runtime writes to or reads from,
 //! and a thread copying between that FIFO and a vsock connection to the host.
+//!
+//! An output stream outlives its connection: when the host side closes it (the sandboxer
+//! restarting), the agent keeps the FIFO open, so the process never sees a broken pipe,
+//! and connects again; what the process writes meanwhile waits in the FIFO.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -21,6 +28,10 @@ use crate::oom::OomEvents;
 
 /// How many container and exec processes are started at once.
 const CONCURRENT_STARTS: usize = 2;
+
+/// Pause between attempts to reach the host again, doubled up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
 /// A [`ContainerRuntime`] whose processes' stdio reaches the host over vsock.
 pub struct GuestRuntime<R> {
@@ -120,20 +131,85 @@ fn bridge_stream(address: &str, fifo: &Path, direction: Direction) -> anyhow::Re
             // Opening blocks until the runtime opens the other end.
             let result = match direction {
                 Direction::Out => {
-                    File::open(&fifo).map(|mut from| copy_until_closed(&mut from, &mut &stream))
+                    File::open(&fifo).map(|from| forward_output(&from, stream, cid, port))
                 }
-                Direction::In => OpenOptions::new()
-                    .write(true)
-                    .open(&fifo)
-                    .map(|mut to| copy_until_closed(&mut &stream, &mut to)),
+                Direction::In => OpenOptions::new().write(true).open(&fifo).map(|mut to| {
+                    copy_until_closed(&mut &stream, &mut to);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }),
             };
             if let Err(err) = result {
                 tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open FIFO");
             }
-            let _ = stream.shutdown(std::net::Shutdown::Both);
         })
         .context("start stdio copy")?;
     Ok(())
+}
+
+/// Copies a process's output from `from` to the host until the process closes it,
+/// connecting again to host port `port` whenever the host drops the connection.
+fn forward_output(from: &File, mut stream: VsockStream, cid: u32, port: u32) {
+    let mut buffer = [0u8; 32 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: from.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            // The host never writes on an output stream: the connection turns readable
+            // only when the host closes it.
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if fds[1].revents != 0 {
+            stream = reconnect(cid, port);
+            continue;
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let read = match (&mut &*from).read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut written = 0;
+        while written < read {
+            match (&stream).write(&buffer[written..read]) {
+                Ok(n) if n > 0 => written += n,
+                _ => stream = reconnect(cid, port),
+            }
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Connects to host port `port`, trying until the host listens again.
+fn reconnect(cid: u32, port: u32) -> VsockStream {
+    tracing::info!(port, "the host closed an output stream: connecting again");
+    let mut pause = RECONNECT_FIRST;
+    loop {
+        match VsockStream::connect(&VsockAddr::new(cid, port)) {
+            Ok(stream) => return stream,
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
 }
 
 /// Unblocks a copy thread still waiting to open `fifo`: a non-blocking open of the other

@@ -1,0 +1,117 @@
+//! Processes a sandboxer finds again after a restart: they are no longer its children,
+//! so their exits come from a pidfd, and a pid is trusted only together with the start
+//! time it had when it was recorded (a pid alone may have been reused since).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::reaper::{ExitReceiver, ExitStatus};
+
+/// Exit code reported for a process whose status cannot be known (not our child).
+pub const UNKNOWN_EXIT: i32 = 255;
+
+/// A process as recorded: its pid and when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// Host pid.
+    pub pid: u32,
+    /// Start time in clock ticks after boot (`/proc/<pid>/stat`, field 22).
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// Identifies the running process `pid`.
+    pub fn of(pid: u32) -> anyhow::Result<Self> {
+        let start_time =
+            start_time(pid).with_context(|| format!("process {pid} is not running"))?;
+        Ok(Self { pid, start_time })
+    }
+
+    /// Whether the recorded process still runs (and its pid was not reused).
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time)
+    }
+
+    /// Signals the process if it is still the recorded one.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if self.is_alive() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+}
+
+/// Start time of process `pid` in clock ticks after boot; `None` when it is gone (a
+/// zombie counts as gone).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is parenthesised and may hold spaces and parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // fields[0] is field 3 (the state), so field 22 is fields[19].
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Resolves when process `pid` ends, whoever reaps it. The status is unknown (a process
+/// that is not our child cannot be waited for): it is reported as [`UNKNOWN_EXIT`].
+pub fn watch_end(pid: u32) -> anyhow::Result<ExitReceiver> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory of ours is involved.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open {pid}"));
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and always the same
+    // descriptor, until the AsyncFd is dropped.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|err| anyhow::anyhow!("watch the pidfd of {pid}: {err}"))?;
+    let (sender, receiver) = oneshot::channel();
+    tokio::spawn(async move {
+        // A pidfd becomes readable when its process terminates.
+        let _ = fd.readable().await;
+        let _ = sender.send(ExitStatus::now(UNKNOWN_EXIT));
+    });
+    Ok(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_identified_and_alive() {
+        let me = ProcessId::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        let reused = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !reused.is_alive(),
+            "a pid with another start time is not ours"
+        );
+    }
+
+    #[tokio::test]
+    async fn end_of_a_process_is_seen() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id()).unwrap();
+        let end = watch_end(child.id()).unwrap();
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), end)
+            .await
+            .expect("the end of the process was not seen")
+            .unwrap();
+        assert_eq!(status.code, UNKNOWN_EXIT);
+        child.wait().unwrap();
+        assert!(!id.is_alive());
+    }
+}
