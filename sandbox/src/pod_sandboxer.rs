@@ -224,7 +224,7 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
                     tracing::warn!(sandbox_id = %id, error = %stop, "cannot clean up a pod that failed to start");
                 }
                 if let Some(relay) = relay {
-                    self.end_relay(id, relay);
+                    self.end_relay(id, relay).await;
                 }
                 server.shutdown().await;
                 return Err(err);
@@ -372,9 +372,10 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         })
     }
 
-    /// Kills a pod's task relay and removes its sockets.
-    fn end_relay(&self, id: &str, relay: ProcessId) {
+    /// Kills a pod's task relay, waits until it is gone and removes its sockets.
+    async fn end_relay(&self, id: &str, relay: ProcessId) {
         relay.signal(Signal::SIGKILL);
+        wait_gone(relay).await;
         let sockets = self.relay_sockets(id);
         for socket in [sockets.tasks, sockets.fifos] {
             if let Err(err) = std::fs::remove_file(&socket) {
@@ -385,12 +386,27 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         }
     }
 
-    /// Ends what is left of a recorded pod that cannot be served again.
+    /// Ends what is left of a recorded pod that cannot be served again: its relay, its
+    /// holder, what the family runs for it, its task socket and its cgroup.
     async fn abandon_pod(&self, record: &PodRecord) {
-        self.end_relay(&record.id, record.relay);
+        let id = &record.id;
+        self.end_relay(id, record.relay).await;
         record.holder.signal(Signal::SIGKILL);
-        if let Err(err) = self.runtime.stop_pod(&record.id).await {
-            tracing::warn!(sandbox_id = %record.id, error = %err, "cannot stop what is left of the pod");
+        wait_gone(record.holder).await;
+        if let Err(err) = self.runtime.stop_pod(id).await {
+            tracing::warn!(sandbox_id = %id, error = %err, "cannot stop what is left of the pod");
+        }
+        let socket = self.task_socket(id);
+        if let Err(err) = std::fs::remove_file(&socket) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sandbox_id = %id, socket = %socket.display(), error = %err, "cannot remove the task socket");
+            }
+        }
+        if let Some(path) = &record.cgroup_path {
+            let removed = Cgroup::existing(path).and_then(|cgroup| cgroup.remove());
+            if let Err(err) = removed {
+                tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove the pod's cgroup");
+            }
         }
     }
 
@@ -409,6 +425,18 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
                 tracing::warn!(sandbox_id = %id, pid = running.holder_pid, "namespace holder did not exit after SIGKILL");
             }
         }
+    }
+}
+
+/// Waits until a killed process is gone (or [`HOLDER_EXIT_TIMEOUT`] has passed).
+async fn wait_gone(process: ProcessId) {
+    let deadline = tokio::time::Instant::now() + HOLDER_EXIT_TIMEOUT;
+    while process.is_alive() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pid = process.pid, "process did not exit after SIGKILL");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -661,7 +689,7 @@ impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
         }
         if let Some(started) = running.take() {
             if let Some(relay) = started.relay {
-                self.end_relay(id, relay);
+                self.end_relay(id, relay).await;
             }
             started.server.shutdown().await;
         }

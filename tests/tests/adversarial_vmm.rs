@@ -607,6 +607,28 @@ async fn guest_kernel_crash_turns_the_pod_notready_and_ends_its_containers() -> 
 const TICKING_SHELL: &str =
     "trap 'exit 7' TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done";
 
+/// The pod's status once containerd reaches the restarted sandboxer: containerd dials it
+/// again only after its own back-off, a second or two.
+async fn status_after_restart(h: &Harness, pod: &Pod) -> Result<k8s_cri::v1::PodSandboxStatus> {
+    let began = Instant::now();
+    loop {
+        match h.cri().pod_status(&pod.id).await {
+            Ok(status) => {
+                eprintln!(
+                    "containerd reached the restarted sandboxer after {:?}",
+                    began.elapsed()
+                );
+                return Ok(status);
+            }
+            Err(err) if began.elapsed() < CALL_TIMEOUT => {
+                eprintln!("PodSandboxStatus after the restart: {err:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => return Err(err.context("PodSandboxStatus after the restart")),
+        }
+    }
+}
+
 /// The highest `tick <n>` line in `log`.
 fn last_tick(log: &str) -> Option<u32> {
     log.lines()
@@ -636,6 +658,18 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
         .await?;
         let qemu = qemu_of(&h, &pod)?;
         let started_at = h.cri().container_status(&id).await?.started_at;
+        // An exec that is still running when the sandboxer dies, and ends after its restart.
+        let cri = h.cri().clone();
+        let exec_in = id.clone();
+        let late_exec = tokio::spawn(async move {
+            cri.exec_sync(
+                &exec_in,
+                &["sh", "-c", "sleep 6; echo done late; exit 3"],
+                120,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
 
         let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
         cleanup::signal(sandboxer, libc::SIGKILL)?;
@@ -657,22 +691,7 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
             process_alive(qemu) && qemu_of(&h, &pod)? == qemu,
             "the VM did not survive the sandboxer's restart"
         );
-        // containerd dials the sandboxer again after its own back-off.
-        let began = Instant::now();
-        let status = loop {
-            match h.cri().pod_status(&pod.id).await {
-                Ok(status) => break status,
-                Err(err) if began.elapsed() < CALL_TIMEOUT => {
-                    eprintln!("PodSandboxStatus after the restart: {err:#}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(err) => return Err(err.context("PodSandboxStatus after the restart")),
-            }
-        };
-        eprintln!(
-            "containerd reached the restarted sandboxer after {:?}",
-            began.elapsed()
-        );
+        let status = status_after_restart(&h, &pod).await?;
         ensure!(
             status.state == PodSandboxState::SandboxReady as i32,
             "the pod is not ready after the restart: {status:?}"
@@ -695,6 +714,14 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
         )
         .await?;
 
+        let late = bounded("the exec begun before the restart", late_exec).await???;
+        ensure!(
+            late.exit_code == 3 && text(&late.stdout).trim() == "done late",
+            "exec across the restart: exit {} stdout {:?} stderr {:?}",
+            late.exit_code,
+            text(&late.stdout),
+            text(&late.stderr)
+        );
         let exec = bounded(
             "ExecSync",
             h.cri()
@@ -719,6 +746,55 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
         );
         h.remove_pod_and_check(&pod).await?;
         ensure!(vm_gone(&h, &pod), "the VM was left after removal");
+        Ok(())
+    }
+    .await;
+    if let Err(err) = &outcome {
+        eprintln!("test failed: {err:#}");
+        h.print_log_tails();
+        print_vm_logs(&h);
+    }
+    let teardown = h.teardown();
+    eprintln!("teardown: {teardown:?}");
+    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
+    outcome?;
+    ensure!(left.is_empty(), "after teardown:\n{left}");
+    Ok(())
+}
+
+/// The VM dies while the sandboxer is away. Restarted, the sandboxer knows the pod as
+/// stopped: CRI reports it not ready and its container exited, and removal leaves no
+/// process, mount or file of the VM behind.
+#[tokio::test]
+async fn vm_lost_while_the_sandboxer_is_away_is_reported_and_removable() -> Result<()> {
+    let _slots = VmSlots::take(1);
+    let mut h = Harness::start_with_vmm_sandboxer().await?;
+    let layout = h.layout().clone();
+    let outcome: Result<()> = async {
+        let pod = h.run_pod("lost", KUASAR_VMM_HANDLER).await?;
+        let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
+        let id = h.start_container(&pod, &sleeper).await?;
+        let qemu = qemu_of(&h, &pod)?;
+        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
+        cleanup::signal(sandboxer, libc::SIGKILL)?;
+        wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
+            !process_alive(sandboxer)
+        })
+        .await?;
+        cleanup::signal(qemu, libc::SIGKILL)?;
+        wait_until("QEMU is gone", NOTICE_TIMEOUT, || !process_alive(qemu)).await?;
+
+        h.restart_vmm_sandboxer()?;
+        status_after_restart(&h, &pod).await?;
+        wait_pod_state(&h, &pod, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
+            .await
+            .context("the pod whose VM was lost")?;
+        h.cri()
+            .wait_container_exited(&id, CALL_TIMEOUT)
+            .await
+            .context("the container of the lost VM")?;
+        bounded("removing the pod", h.remove_pod_and_check(&pod)).await??;
+        ensure!(vm_gone(&h, &pod), "the lost VM left processes or files");
         Ok(())
     }
     .await;

@@ -43,6 +43,9 @@ const VM_DIR_NAME_LEN: usize = 16;
 /// The vsock device backend running beside each QEMU.
 const VSOCK_HELPER: &str = "vhost-device-vsock";
 
+/// The hidden command of the sandboxer's binary that runs a pod's task relay.
+const RELAY_COMMAND: &str = "relay-tasks";
+
 /// The sleeping container of both families.
 const SLEEPER: [&str; 2] = ["sleep", "3600"];
 
@@ -491,6 +494,9 @@ pub(crate) struct MemorySample {
     vsock: Memory,
     /// The sandboxer's namespace holder, per pod.
     holder: Memory,
+    /// The task relay that keeps containerd's connections across a sandboxer restart,
+    /// per pod.
+    relay: Memory,
     /// Any other process of the run that is not a daemon, per pod.
     other: Memory,
     /// The sandboxer with the pods less the sandboxer before them, per pod.
@@ -506,6 +512,7 @@ impl MemorySample {
         self.qemu
             .plus(self.vsock)
             .plus(self.holder)
+            .plus(self.relay)
             .plus(self.other)
             .plus(self.growth)
     }
@@ -575,11 +582,12 @@ async fn measure_memory_once(h: &Harness, count: usize, round: usize) -> Result<
             .chain(&holders)
             .copied()
             .collect();
-        let others: Vec<u32> = cleanup::run_processes(layout, &daemons)
+        let (relays, others): (Vec<u32>, Vec<u32>) = cleanup::run_processes(layout, &daemons)
             .into_iter()
             .map(|(pid, _)| pid)
             .filter(|pid| !known.contains(pid))
-            .collect();
+            .partition(|&pid| arguments(pid).get(1).map(String::as_str) == Some(RELAY_COMMAND));
+        expect_count("task relays", &relays, count)?;
         if !others.is_empty() {
             let described: Vec<String> = others
                 .iter()
@@ -599,6 +607,7 @@ async fn measure_memory_once(h: &Harness, count: usize, round: usize) -> Result<
             guest_ram: guest_ram.per(count),
             vsock: Memory::sum(&vsocks)?.per(count),
             holder: Memory::sum(&holders)?.per(count),
+            relay: Memory::sum(&relays)?.per(count),
             other: Memory::sum(&others)?.per(count),
             growth: with_pods.minus(idle).per(count),
             idle,
@@ -628,7 +637,7 @@ pub(crate) async fn measure_memory(h: &Harness, options: &Options) -> Result<Vec
         eprintln!(
             "vmm memory {}/{}: per pod RSS {:6.0} PSS {:6.0} KiB (QEMU {:.0}/{:.0} of which guest \
              RAM {:.0}/{:.0}, {VSOCK_HELPER} \
-             {:.0}/{:.0}, holder {:.0}/{:.0}, sandboxer growth {:.0}/{:.0}; sandboxer idle \
+             {:.0}/{:.0}, holder {:.0}/{:.0}, relay {:.0}/{:.0}, sandboxer growth {:.0}/{:.0}; sandboxer idle \
              {:.0}/{:.0}, retained after removal {:.0}/{:.0})",
             round + 1,
             options.rounds,
@@ -642,6 +651,8 @@ pub(crate) async fn measure_memory(h: &Harness, options: &Options) -> Result<Vec
             sample.vsock.pss,
             sample.holder.rss,
             sample.holder.pss,
+            sample.relay.rss,
+            sample.relay.pss,
             sample.growth.rss,
             sample.growth.pss,
             sample.idle.rss,
@@ -674,6 +685,7 @@ pub(crate) fn print_memory(results: &[MemorySample], options: &Options) {
     row("  of which QEMU's own", of(|s| s.qemu.minus(s.guest_ram)));
     row("helper (vhost-device-vsock)", of(|s| s.vsock));
     row("helper (namespace holder)", of(|s| s.holder));
+    row("helper (task relay)", of(|s| s.relay));
     let (other_rss, _) = of(|s| s.other);
     if other_rss > 0.0 {
         row("other processes of the pod", of(|s| s.other));
