@@ -80,9 +80,12 @@ struct PodRecord {
     hostname: String,
     created_at: SystemTime,
     holder: ProcessId,
-    relay: ProcessId,
+    relay: Option<ProcessId>,
     /// The pod's cgroup (a cgroupfs path), when it has one.
     cgroup_path: Option<String>,
+    /// Set once the pod has started: a pod recorded while starting whose start never
+    /// finished (the sandboxer died meanwhile) is ended at recovery.
+    started: bool,
 }
 
 impl<R: ContainerRuntime> PodSandboxer<R> {
@@ -158,11 +161,39 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             holder_pid: Some(holder_pid),
             cgroup: None,
             files: None,
+            records: None,
         };
         let cgroup_parent = pod
             .and_then(|p| p.linux.as_ref())
             .map(|l| l.cgroup_parent.as_str())
             .unwrap_or_default();
+        let cgroup_path = (!cgroup_parent.is_empty())
+            .then(|| format!("{}/{id}", cgroup_parent.trim_end_matches('/')));
+        let recoverable = self.runtime.recoverable();
+        let mut record = PodRecord {
+            id: id.to_string(),
+            netns_path: sandbox
+                .request
+                .netns_path
+                .clone()
+                .filter(|_| !namespaces.host_network),
+            hostname: hostname.clone(),
+            created_at: sandbox.created_at,
+            // A holder gone already is recorded as such (start time 0).
+            holder: ProcessId {
+                pid: holder_pid,
+                start_time: crate::process::start_time(holder_pid).unwrap_or_default(),
+            },
+            relay: None,
+            cgroup_path: cgroup_path.clone(),
+            started: false,
+        };
+        if recoverable {
+            // Recorded from the start, so that a sandboxer dying halfway leaves nothing
+            // its successor does not know of.
+            cleanup.records = Some(self.pod_dir(id));
+            self.write_record(&record)?;
+        }
         if !cgroup_parent.is_empty() {
             let cgroup = Cgroup::create(cgroup_parent, id)?;
             cleanup.cgroup = Some(cgroup.clone());
@@ -171,7 +202,6 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         sandbox.files.create(pod, &hostname)?;
         cleanup.files = Some(sandbox.files.clone());
 
-        let recoverable = self.runtime.recoverable();
         let mut tasks = TaskService::new(id, self.runtime.clone(), self.events.clone());
         if recoverable {
             tasks = tasks.with_records(self.pod_dir(id).join("containers"))?;
@@ -181,7 +211,12 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let mut address = server.address();
         let relay_sockets = self.relay_sockets(id);
         let relay = if recoverable {
-            match crate::relay::spawn(&relay_sockets, &sandbox.socket).await {
+            let spawned = crate::relay::spawn(&relay_sockets, &sandbox.socket).await;
+            let recorded = spawned.and_then(|relay| {
+                record.relay = Some(relay);
+                self.write_record(&record).map(|()| relay)
+            });
+            match recorded {
                 Ok(relay) => {
                     address = format!("ttrpc+unix://{}", relay_sockets.tasks.display());
                     Some(relay)
@@ -198,23 +233,17 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let context = PodContext {
             id: id.to_string(),
             holder_pid,
-            netns: sandbox
-                .request
-                .netns_path
-                .clone()
-                .filter(|_| !namespaces.host_network),
+            netns: record.netns_path.clone(),
             hostname: hostname.clone(),
-            cgroup_path: cleanup
-                .cgroup
-                .as_ref()
-                .map(|_| format!("{}/{id}", cgroup_parent.trim_end_matches('/'))),
+            cgroup_path: cgroup_path.filter(|_| cleanup.cgroup.is_some()),
             fifo_keeper: relay.map(|_| relay_sockets.fifos.clone()),
         };
         let started = match self.runtime.start_pod(&context).await {
-            Ok(exit) => match relay {
-                Some(relay) => self.record_pod(sandbox, &context, relay).map(|()| exit),
-                None => Ok(exit),
-            },
+            Ok(exit) if recoverable => {
+                record.started = true;
+                self.write_record(&record).map(|()| exit)
+            }
+            Ok(exit) => Ok(exit),
             Err(err) => Err(anyhow::Error::new(err)),
         };
         let pod_exit = match started {
@@ -246,25 +275,12 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         })
     }
 
-    /// Records a started pod that outlives the sandboxer, with its task relay.
-    fn record_pod(
-        &self,
-        sandbox: &PodSandbox<R>,
-        context: &PodContext,
-        relay: ProcessId,
-    ) -> anyhow::Result<()> {
-        let id = &context.id;
-        let record = PodRecord {
-            id: id.clone(),
-            netns_path: context.netns.clone(),
-            hostname: context.hostname.clone(),
-            created_at: sandbox.created_at,
-            holder: ProcessId::of(context.holder_pid)?,
-            relay,
-            cgroup_path: context.cgroup_path.clone(),
-        };
-        crate::state::write_json(&self.pod_dir(id).join("pod.json"), &record)
-            .with_context(|| format!("record pod {id:?}"))
+    /// Writes the record of a pod that outlives the sandboxer.
+    fn write_record(&self, record: &PodRecord) -> anyhow::Result<()> {
+        let dir = self.pod_dir(&record.id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        crate::state::write_json(&dir.join("pod.json"), record)
+            .with_context(|| format!("record pod {:?}", record.id))
     }
 
     /// Finds the pods recorded in `<state_dir>/pods` again. A pod whose processes are
@@ -304,6 +320,19 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
                 exit: watch::channel(None).0,
                 running: Default::default(),
             });
+            if !record.started {
+                // containerd saw its RunPodSandbox fail and has given the pod up.
+                tracing::warn!(sandbox_id = %id, "the sandboxer stopped while this pod was starting: what it left is removed");
+                self.abandon_pod(&record).await;
+                let removed = sandbox
+                    .files
+                    .remove()
+                    .and_then(|()| self.forget_records(&id));
+                if let Err(err) = removed {
+                    tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove what a half-started pod left");
+                }
+                continue;
+            }
             match self.resume_pod(&record, &sandbox).await {
                 Ok(running) => {
                     tracing::info!(sandbox_id = %id, pid = running.holder_pid, address = %running.address, containers = running.tasks.container_ids().len(), "sandbox recovered");
@@ -349,11 +378,12 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         .await?;
         let tasks = Arc::new(tasks);
         let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
-        let relay = if record.relay.is_alive() {
-            record.relay
-        } else {
-            tracing::warn!(sandbox_id = %id, pid = record.relay.pid, "the task relay is gone: containerd's open task connections are lost");
-            crate::relay::spawn(&self.relay_sockets(id), &sandbox.socket).await?
+        let relay = match record.relay {
+            Some(relay) if relay.is_alive() => relay,
+            _ => {
+                tracing::warn!(sandbox_id = %id, "the task relay is gone: containerd's open task connections are lost");
+                crate::relay::spawn(&self.relay_sockets(id), &sandbox.socket).await?
+            }
         };
         let cgroup = match &record.cgroup_path {
             Some(path) => Some(Cgroup::existing(path)?),
@@ -390,7 +420,9 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
     /// holder, what the family runs for it, its task socket and its cgroup.
     async fn abandon_pod(&self, record: &PodRecord) {
         let id = &record.id;
-        self.end_relay(id, record.relay).await;
+        if let Some(relay) = record.relay {
+            self.end_relay(id, relay).await;
+        }
         record.holder.signal(Signal::SIGKILL);
         wait_gone(record.holder).await;
         if let Err(err) = self.runtime.stop_pod(id).await {
@@ -502,6 +534,8 @@ struct Cleanup {
     holder_pid: Option<u32>,
     cgroup: Option<Cgroup>,
     files: Option<PodFiles>,
+    /// The pod's record directory.
+    records: Option<PathBuf>,
 }
 
 impl Cleanup {
@@ -509,6 +543,7 @@ impl Cleanup {
         self.holder_pid = None;
         self.cgroup = None;
         self.files = None;
+        self.records = None;
     }
 }
 
@@ -519,6 +554,9 @@ impl Drop for Cleanup {
         }
         if let Some(files) = &self.files {
             let _ = files.remove();
+        }
+        if let Some(records) = &self.records {
+            let _ = std::fs::remove_dir_all(records);
         }
         if let Some(cgroup) = self.cgroup.take() {
             // The holder needs a moment to be reaped before its cgroup can go.

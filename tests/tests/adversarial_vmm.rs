@@ -811,6 +811,64 @@ async fn vm_lost_while_the_sandboxer_is_away_is_reported_and_removable() -> Resu
     Ok(())
 }
 
+/// The sandboxer is SIGKILLed while a pod's VM boots. RunPodSandbox fails; restarted,
+/// the sandboxer ends the half-started VM, containerd's clean-up of the failed pod
+/// leaves nothing behind, and the next pod runs.
+#[tokio::test]
+async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Result<()> {
+    let _slots = VmSlots::take(2);
+    let mut h = Harness::start_with_vmm_sandboxer().await?;
+    let layout = h.layout().clone();
+    let outcome: Result<()> = async {
+        let config = h.pod_config("half-started")?;
+        let cri = h.cri().clone();
+        let run = tokio::spawn(async move { cri.run_pod(&config, KUASAR_VMM_HANDLER).await });
+        let vms = vms_dir(&h);
+        wait_until("a VM boots", NOTICE_TIMEOUT, || {
+            cleanup::host_processes().iter().any(|(_, cmdline)| {
+                cmdline.contains("qemu-system") && cmdline.contains(&*vms.to_string_lossy())
+            })
+        })
+        .await?;
+        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
+        cleanup::signal(sandboxer, libc::SIGKILL)?;
+        let run = bounded("RunPodSandbox", run).await??;
+        ensure!(
+            run.is_err(),
+            "RunPodSandbox succeeded although the sandboxer died during it"
+        );
+        h.restart_vmm_sandboxer()?;
+        h.wait_for_no_leftovers(CALL_TIMEOUT)
+            .await
+            .context("after the failed RunPodSandbox")?;
+        // containerd may need a moment to dial the restarted sandboxer again.
+        let began = Instant::now();
+        loop {
+            match next_pod_works(&h, "after-restart").await {
+                Ok(()) => break,
+                Err(err) if began.elapsed() < CALL_TIMEOUT => {
+                    eprintln!("pod after the restart: {err:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(err) = &outcome {
+        eprintln!("test failed: {err:#}");
+        h.print_log_tails();
+        print_vm_logs(&h);
+    }
+    let teardown = h.teardown();
+    eprintln!("teardown: {teardown:?}");
+    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
+    outcome?;
+    ensure!(left.is_empty(), "after teardown:\n{left}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Stopping and removing pods while things run
 // ---------------------------------------------------------------------------------------

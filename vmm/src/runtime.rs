@@ -159,6 +159,26 @@ impl Vm {
     }
 }
 
+/// The processes whose command line names `dir` (as a directory: `<dir>/`).
+fn processes_naming(dir: &Path) -> Vec<ProcessId> {
+    let needle = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                raw.split(|b| *b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+            })
+        })
+        .filter_map(|pid| ProcessId::of(pid).ok())
+        .collect()
+}
+
 /// Where the streams a VM's stdio ports copy are recorded.
 fn stdio_records(vm_dir: &Path) -> PathBuf {
     vm_dir.join("stdio")
@@ -393,25 +413,34 @@ impl VmRuntime {
         })
     }
 
-    /// Ends the processes of a VM known only by its record (one the sandboxer could not
-    /// take over after a restart).
+    /// Ends the processes of a VM the sandboxer could not take over after a restart:
+    /// those its record names and, for a VM whose boot the earlier run never finished,
+    /// any process whose command line names the VM's directory (QEMU and its vsock
+    /// backend do).
     async fn stop_recorded_vm(&self, id: &str) {
-        let path = self.vm_dir(id).join(VM_RECORD);
-        let Ok(record) = kuasar_sandbox::state::read_json::<VmRecord>(&path) else {
+        let dir = self.vm_dir(id);
+        let record = kuasar_sandbox::state::read_json::<VmRecord>(&dir.join(VM_RECORD)).ok();
+        let mut processes: Vec<ProcessId> = processes_naming(&dir);
+        if let Some(record) = &record {
+            processes.push(record.qemu);
+            processes.extend(record.vsock);
+        }
+        if processes.is_empty() {
             return;
-        };
-        record.qemu.signal(Signal::SIGKILL);
-        if let Some(vsock) = record.vsock {
-            vsock.signal(Signal::SIGKILL);
+        }
+        for process in &processes {
+            process.signal(Signal::SIGKILL);
         }
         for _ in 0..50 {
-            if !record.qemu.is_alive() && !record.vsock.is_some_and(|v| v.is_alive()) {
+            if !processes.iter().any(ProcessId::is_alive) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        network::disconnect(&record.netns, &record.interface).await;
-        tracing::info!(sandbox_id = %id, pid = record.qemu.pid, "recorded VM ended");
+        if let Some(record) = &record {
+            network::disconnect(&record.netns, &record.interface).await;
+        }
+        tracing::info!(sandbox_id = %id, processes = processes.len(), "VM left by an earlier run ended");
     }
 
     /// Removes what a VM left in `dir`: mounts first, then the files.
