@@ -211,12 +211,7 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let mut address = server.address();
         let relay_sockets = self.relay_sockets(id);
         let relay = if recoverable {
-            let spawned = crate::relay::spawn(&relay_sockets, &sandbox.socket).await;
-            let recorded = spawned.and_then(|relay| {
-                record.relay = Some(relay);
-                self.write_record(&record).map(|()| relay)
-            });
-            match recorded {
+            match self.start_relay(sandbox, &mut record).await {
                 Ok(relay) => {
                     address = format!("ttrpc+unix://{}", relay_sockets.tasks.display());
                     Some(relay)
@@ -273,6 +268,21 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             cgroup,
             address,
         })
+    }
+
+    /// Starts the task relay of a pod that outlives the sandboxer and records it.
+    async fn start_relay(
+        &self,
+        sandbox: &PodSandbox<R>,
+        record: &mut PodRecord,
+    ) -> anyhow::Result<ProcessId> {
+        let relay = crate::relay::spawn(&self.relay_sockets(&record.id), &sandbox.socket).await?;
+        record.relay = Some(relay);
+        if let Err(err) = self.write_record(record) {
+            self.end_relay(&record.id, relay).await;
+            return Err(err);
+        }
+        Ok(relay)
     }
 
     /// Writes the record of a pod that outlives the sandboxer.
