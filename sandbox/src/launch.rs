@@ -54,6 +54,9 @@ impl CommonArgs {
     }
 }
 
+/// How long in-flight work gets once the sandboxer stops serving.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the sandboxer that `build` makes from `config` until SIGTERM or SIGINT.
 ///
 /// Sets up logging and the state directory first, then, inside the runtime, the
@@ -74,7 +77,7 @@ where
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         reaper::start().context("become the subreaper of containers")?;
         let events = EventPublisher::start(config.containerd.events_address());
         tracing::info!(
@@ -89,7 +92,11 @@ where
             .await
             .context("recover the sandboxes of an earlier run")?;
         server::serve(&config.listen, sandboxer).await
-    })
+    });
+    // Copies of container stdio block in threads of their own until their streams end;
+    // the sandboxer does not wait for them to stop.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    served
 }
 
 /// Turns the outcome of a sandboxer's run into its exit code, printing the error chain.

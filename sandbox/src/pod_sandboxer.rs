@@ -256,6 +256,9 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         };
         watch_pod_exit(id, sandbox, pod_exit);
         let holder_exited = watch_holder(id, sandbox, holder_pid, holder.exit);
+        if let Some(relay) = relay {
+            watch_relay(id, sandbox, relay, record.holder);
+        }
 
         let cgroup = cleanup.cgroup.take();
         cleanup.disarm();
@@ -302,61 +305,68 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(err).with_context(|| format!("read {}", dir.display())),
         };
-        for entry in entries.flatten() {
-            let path = entry.path().join("pod.json");
-            let record: PodRecord = match crate::state::read_json(&path) {
-                Ok(record) => record,
-                Err(err) => {
-                    tracing::warn!(record = %path.display(), error = format!("{err:#}"), "unreadable pod record: ignored");
-                    continue;
-                }
-            };
-            if crate::id::validate("sandbox", &record.id).is_err()
-                || entry.file_name().to_str() != Some(record.id.as_str())
-            {
-                tracing::warn!(record = %path.display(), "pod record names another pod: ignored");
-                continue;
-            }
-            let id = record.id.clone();
-            let sandbox = Arc::new(PodSandbox {
-                request: SandboxRequest {
-                    id: id.clone(),
-                    netns_path: record.netns_path.clone(),
-                    ..Default::default()
-                },
-                created_at: record.created_at,
-                socket: self.task_socket(&id),
-                files: PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, &id),
-                exit: watch::channel(None).0,
-                running: Default::default(),
-            });
-            if !record.started {
-                // containerd saw its RunPodSandbox fail and has given the pod up.
-                tracing::warn!(sandbox_id = %id, "the sandboxer stopped while this pod was starting: what it left is removed");
-                self.abandon_pod(&record).await;
-                let removed = sandbox
-                    .files
-                    .remove()
-                    .and_then(|()| self.forget_records(&id));
-                if let Err(err) = removed {
-                    tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove what a half-started pod left");
-                }
-                continue;
-            }
-            match self.resume_pod(&record, &sandbox).await {
-                Ok(running) => {
-                    tracing::info!(sandbox_id = %id, pid = running.holder_pid, address = %running.address, containers = running.tasks.container_ids().len(), "sandbox recovered");
-                    *sandbox.running.lock().await = Some(running);
-                }
-                Err(err) => {
-                    tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "sandbox not running any more: known as stopped");
-                    self.abandon_pod(&record).await;
-                    record_exit(&sandbox.exit, (255, SystemTime::now()));
-                }
-            }
-            self.lock().insert(id, sandbox);
-        }
+        // Pods are taken over side by side: one slow VM does not hold the others up.
+        let recoveries = entries
+            .flatten()
+            .map(|entry| self.take_over_pod(entry.path(), entry.file_name()));
+        futures::future::join_all(recoveries).await;
         Ok(())
+    }
+
+    /// Takes over the pod recorded in `dir`, named `name`.
+    async fn take_over_pod(&self, dir: PathBuf, name: std::ffi::OsString) {
+        let path = dir.join("pod.json");
+        let record: PodRecord = match crate::state::read_json(&path) {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::error!(record = %path.display(), error = format!("{err:#}"), "unreadable pod record: the pod is not recovered and what it runs is left as it is");
+                return;
+            }
+        };
+        if crate::id::validate("sandbox", &record.id).is_err()
+            || name.to_str() != Some(record.id.as_str())
+        {
+            tracing::error!(record = %path.display(), "pod record names another pod: ignored");
+            return;
+        }
+        let id = record.id.clone();
+        let sandbox = Arc::new(PodSandbox {
+            request: SandboxRequest {
+                id: id.clone(),
+                netns_path: record.netns_path.clone(),
+                ..Default::default()
+            },
+            created_at: record.created_at,
+            socket: self.task_socket(&id),
+            files: PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, &id),
+            exit: watch::channel(None).0,
+            running: Default::default(),
+        });
+        if !record.started {
+            // containerd saw its RunPodSandbox fail and has given the pod up.
+            tracing::warn!(sandbox_id = %id, "the sandboxer stopped while this pod was starting: what it left is removed");
+            self.abandon_pod(&record).await;
+            let removed = sandbox
+                .files
+                .remove()
+                .and_then(|()| self.forget_records(&id));
+            if let Err(err) = removed {
+                tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove what a half-started pod left");
+            }
+            return;
+        }
+        match self.resume_pod(&record, &sandbox).await {
+            Ok(running) => {
+                tracing::info!(sandbox_id = %id, pid = running.holder_pid, address = %running.address, containers = running.tasks.container_ids().len(), "sandbox recovered");
+                *sandbox.running.lock().await = Some(running);
+            }
+            Err(err) => {
+                tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "sandbox not running any more: known as stopped");
+                self.abandon_pod(&record).await;
+                record_exit(&sandbox.exit, (255, SystemTime::now()));
+            }
+        }
+        self.lock().insert(id, sandbox);
     }
 
     /// Serves a recorded pod again, if its processes still run.
@@ -401,6 +411,7 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         };
         watch_pod_exit(id, sandbox, pod_exit);
         let holder_exited = watch_holder(id, sandbox, record.holder.pid, holder_exit);
+        watch_relay(id, sandbox, relay, record.holder);
         Ok(Running {
             holder_pid: record.holder.pid,
             relay: Some(relay),
@@ -480,6 +491,28 @@ async fn wait_gone(process: ProcessId) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Ends the pod when its task relay dies while the pod runs: containerd has lost its
+/// task connections and takes the pod's containers for exited, so the pod is reported
+/// stopped for the kubelet to replace it.
+fn watch_relay<R>(id: &str, sandbox: &PodSandbox<R>, relay: ProcessId, holder: ProcessId) {
+    let relay_end = match crate::process::watch_end(relay.pid) {
+        Ok(end) => end,
+        Err(err) => {
+            tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot watch the task relay");
+            return;
+        }
+    };
+    let exit = sandbox.exit.clone();
+    let sandbox_id = id.to_string();
+    tokio::spawn(async move {
+        let _ = relay_end.await;
+        if holder.is_alive() && exit.borrow().is_none() {
+            tracing::error!(%sandbox_id, pid = relay.pid, "the pod's task relay died: containerd lost its task connections, the pod is reported stopped");
+            record_exit(&exit, (255, SystemTime::now()));
+        }
+    });
 }
 
 /// Records the pod's exit when the family's pod-wide process (if any) ends.

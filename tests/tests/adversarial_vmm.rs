@@ -869,6 +869,153 @@ async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Re
     Ok(())
 }
 
+/// Reads terminal output from `session` until `needle` shows up (true), the session
+/// ends (`<session ended>` is appended) or `limit` passes (false).
+async fn read_terminal_until(
+    session: &mut terminal::ExecSession,
+    needle: &str,
+    seen: &mut String,
+    limit: Duration,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, session.next()).await {
+            Err(_) => return false,
+            Ok(None) | Ok(Some(Err(_))) => {
+                seen.push_str("<session ended>");
+                break;
+            }
+            Ok(Some(Ok(Message::Binary(data)))) => {
+                if matches!(
+                    data.first(),
+                    Some(&terminal::STDOUT) | Some(&terminal::STDERR)
+                ) {
+                    seen.push_str(&String::from_utf8_lossy(&data[1..]));
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) => {
+                seen.push_str("<session ended>");
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+    seen.contains(needle)
+}
+
+/// The sandboxer gets SIGTERM while a container runs with an interactive exec open on a
+/// terminal. It exits at once (stdio copies do not hold it), and the restarted sandboxer
+/// ends the exec, whose input was lost with the old process, instead of leaving a shell
+/// waiting in the guest and a session that never ends; the container itself runs on.
+#[tokio::test]
+async fn sigterm_is_prompt_and_a_restart_ends_interactive_execs() -> Result<()> {
+    let _slots = VmSlots::take(1);
+    let mut h = Harness::start_with_vmm_sandboxer().await?;
+    let layout = h.layout().clone();
+    let outcome: Result<()> = async {
+        let pod = h.run_pod("interactive", KUASAR_VMM_HANDLER).await?;
+        let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
+        let id = h.start_container(&pod, &shell).await?;
+        let mut session = open_exec_session(h.cri(), &id, &["sh"], true).await?;
+        let frame = |channel: u8, data: &[u8]| Message::Binary([&[channel], data].concat().into());
+        session
+            .send(frame(terminal::STDIN, b"echo before-$((1+1))\n"))
+            .await?;
+        let mut seen = String::new();
+        ensure!(
+            read_terminal_until(&mut session, "before-2", &mut seen, EXIT_TIMEOUT).await,
+            "the terminal did not work before the restart: {seen:?}"
+        );
+
+        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
+        cleanup::signal(sandboxer, libc::SIGTERM)?;
+        wait_until("the sandboxer exits on SIGTERM", NOTICE_TIMEOUT, || {
+            !process_alive(sandboxer)
+        })
+        .await?;
+        h.restart_vmm_sandboxer()?;
+        status_after_restart(&h, &pod).await?;
+        let mut after = String::new();
+        ensure!(
+            read_terminal_until(&mut session, "<session ended>", &mut after, CALL_TIMEOUT).await,
+            "the interactive exec did not end after the restart: {after:?}"
+        );
+        let _ = session.close(None).await;
+        let ps = bounded(
+            "ExecSync",
+            h.cri().exec_sync(&id, &["ps", "-o", "args"], 30),
+        )
+        .await??;
+        let processes = text(&ps.stdout);
+        let shells: Vec<&str> = processes
+            .lines()
+            .map(str::trim)
+            .filter(|line| *line == "sh")
+            .collect();
+        ensure!(
+            shells.is_empty(),
+            "the interactive shell is still running in the guest:\n{processes}"
+        );
+        bounded("StopContainer", h.cri().stop_container(&id, 10)).await??;
+        let stopped = h.cri().container_status(&id).await?;
+        ensure!(
+            stopped.exit_code == 7,
+            "the container did not run on to its own stop: exit {}",
+            stopped.exit_code
+        );
+        h.remove_pod_and_check(&pod).await
+    }
+    .await;
+    if let Err(err) = &outcome {
+        eprintln!("test failed: {err:#}");
+        h.print_log_tails();
+        print_vm_logs(&h);
+    }
+    let teardown = h.teardown();
+    eprintln!("teardown: {teardown:?}");
+    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
+    outcome?;
+    ensure!(left.is_empty(), "after teardown:\n{left}");
+    Ok(())
+}
+
+/// The pod's task relay dies while the pod runs: containerd has lost its task
+/// connections, so the pod is reported stopped (for the kubelet to replace it) rather
+/// than READY with containers nobody can reach; it removes cleanly.
+#[tokio::test]
+async fn a_dead_task_relay_reports_its_pod_stopped() -> Result<()> {
+    vm_test(1, async |h: &Harness| {
+        let pod = h.run_pod("relay-dies", KUASAR_VMM_HANDLER).await?;
+        let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
+        let id = h.start_container(&pod, &shell).await?;
+        let sockets = h.layout().vmm_state.join("sockets");
+        let relays: Vec<u32> = cleanup::host_processes()
+            .into_iter()
+            .filter(|(_, cmdline)| {
+                cmdline.contains("relay-tasks") && cmdline.contains(&*sockets.to_string_lossy())
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        ensure!(
+            relays.len() == 1,
+            "the pod should have one relay: {relays:?}"
+        );
+        cleanup::signal(relays[0], libc::SIGKILL)?;
+        wait_pod_state(h, &pod, PodSandboxState::SandboxNotready, NOTICE_TIMEOUT)
+            .await
+            .context("the pod whose relay died")?;
+        h.cri()
+            .wait_container_exited(&id, CALL_TIMEOUT)
+            .await
+            .context("the container of a pod whose relay died")?;
+        bounded("removing the pod", h.remove_pod_and_check(&pod)).await??;
+        ensure!(vm_gone(h, &pod), "the VM was left after removal");
+        Ok(())
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------
 // Stopping and removing pods while things run
 // ---------------------------------------------------------------------------------------

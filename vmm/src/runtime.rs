@@ -75,7 +75,7 @@ const VM_DIR_NAME_LEN: usize = 16;
 const VM_RECORD: &str = "vm.json";
 
 /// How long a restarted sandboxer tries to reach the agent of a running VM.
-const AGENT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const AGENT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a restarted sandboxer needs to take a running VM over.
 #[derive(Debug, Serialize, Deserialize)]

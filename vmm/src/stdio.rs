@@ -172,7 +172,14 @@ async fn copy_when_connected(
     keeper: Option<PathBuf>,
     timeout: Duration,
 ) {
-    copy_connection(listener, socket, stream, keeper, timeout).await;
+    let (fifo, direction) = (stream.fifo.clone(), stream.direction);
+    copy_connection(listener, socket, stream, keeper.clone(), timeout).await;
+    // However the copy ended (the stream's end, a guest that never connected, an error),
+    // containerd's reader may see the end of the stream only once the keeper lets go.
+    if direction == Direction::Out {
+        let _ =
+            tokio::task::spawn_blocking(move || keep_fifo(keeper.as_deref(), &fifo, false)).await;
+    }
     let _ = std::fs::remove_file(&record);
 }
 
@@ -243,7 +250,6 @@ fn copy_stream(
                 Ok(mut to) => {
                     keep_fifo(keeper, fifo, true);
                     copy_until_closed(&mut stream, &mut to);
-                    keep_fifo(keeper, fifo, false);
                 }
                 Err(err) => {
                     tracing::warn!(fifo = %fifo.display(), error = %err, "cannot open output FIFO")

@@ -216,6 +216,25 @@ impl<R: ContainerRuntime> TaskService<R> {
                 },
             );
         }
+        // An exec session reading its input (crictl exec -i, kubectl exec -it) lost it with
+        // the earlier sandboxer, and its client is gone: it is ended rather than left
+        // waiting for input forever.
+        for (exec_id, exec) in &execs {
+            let Some(process) = &exec.process else {
+                continue;
+            };
+            if exec.stdio.stdin.is_empty() && !exec.stdio.terminal {
+                continue;
+            }
+            tracing::warn!(sandbox_id = %self.sandbox_id, container_id = %id, %exec_id, "an interactive exec cannot outlive the sandboxer: it is killed");
+            let killed = self
+                .runtime
+                .kill(id, KillTarget::Exec(process.pid), libc::SIGKILL as u32)
+                .await;
+            if let Err(err) = killed {
+                tracing::warn!(sandbox_id = %self.sandbox_id, container_id = %id, %exec_id, error = %err, "cannot kill an interactive exec");
+            }
+        }
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %id, pid = init.pid, state = ?init.state, execs = execs.len(), "container recovered");
         self.lock().insert(
             id.clone(),
