@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -107,8 +107,7 @@ pub struct Holder {
 
 /// Starts a holder for `spec` and waits until its namespaces are ready.
 pub async fn spawn(spec: &HolderSpec) -> anyhow::Result<Holder> {
-    let exe = std::env::current_exe().context("locate the sandboxer binary")?;
-    let mut command = Command::new(exe);
+    let mut command = crate::process::own_binary();
     command
         .args(spec.to_args())
         .stdin(Stdio::null())

@@ -43,6 +43,19 @@ impl ProcessId {
     }
 }
 
+/// A command running this process's own binary (the namespace holder, the task relay,
+/// a wasm worker). It executes `/proc/self/exe`, which still names the binary this
+/// process runs after a package upgrade replaced the file on disk; `argv[0]` keeps the
+/// binary's name for `ps`.
+pub fn own_binary() -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new("/proc/self/exe");
+    if let Ok(path) = std::env::current_exe() {
+        command.arg0(path);
+    }
+    command
+}
+
 /// Start time of process `pid` in clock ticks after boot; `None` when it is gone (a
 /// zombie counts as gone).
 pub fn start_time(pid: u32) -> Option<u64> {

@@ -24,7 +24,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -73,8 +73,7 @@ pub struct RelaySockets {
 /// Starts a relay listening on `sockets` and forwarding task connections to `upstream`;
 /// returns once it listens.
 pub async fn spawn(sockets: &RelaySockets, upstream: &Path) -> anyhow::Result<ProcessId> {
-    let exe = std::env::current_exe().context("locate the sandboxer binary")?;
-    let mut command = Command::new(exe);
+    let mut command = crate::process::own_binary();
     command
         .arg(COMMAND)
         .arg(&sockets.tasks)

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Stdio as ProcessStdio};
+use std::process::Stdio as ProcessStdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,8 +122,7 @@ impl WasmRuntime {
             .open_direct()
             .with_context(|| format!("open stdio of container {id:?}"))?;
         let (ours, theirs) = UnixStream::pair().context("create worker control socket")?;
-        let exe = std::env::current_exe().context("locate the sandboxer binary")?;
-        let mut command = Command::new(exe);
+        let mut command = kuasar_sandbox::process::own_binary();
         command.arg(worker::COMMAND).arg(spec_json);
         command.stdin(
             fds.stdin
