@@ -21,7 +21,8 @@ test: setup guest
 # Each family against its baseline on one containerd, on release builds: the runc sandboxer
 # against containerd's runc shim, the wasm sandboxer against the runc sandboxer, the quark
 # sandboxer against containerd's runc shim driving runsc, and the vmm sandboxer's pod start,
-# container start and memory per VM pod (needs make guest). Arguments go through BENCH_ARGS,
+# container start and memory per VM pod (needs make guest), and the runc family through its
+# shim binary next to its native path on containerd 2.1.9. Arguments go through BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--iterations 20 --only wasm".
 BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BENCH_ARGS ?=
@@ -32,6 +33,10 @@ bench: setup
 	KUASAR_WASM_SANDBOXER=$(BENCH_TARGET_DIR)/release/wasm-sandboxer \
 	KUASAR_QUARK_SANDBOXER=$(BENCH_TARGET_DIR)/release/quark-sandboxer \
 	KUASAR_VMM_SANDBOXER=$(BENCH_TARGET_DIR)/release/vmm-sandboxer \
+	KUASAR_SHIM_RUNC=$(BENCH_TARGET_DIR)/release/containerd-shim-kuasar-runc-v2 \
+	KUASAR_SHIM_WASM=$(BENCH_TARGET_DIR)/release/containerd-shim-kuasar-wasm-v2 \
+	KUASAR_SHIM_QUARK=$(BENCH_TARGET_DIR)/release/containerd-shim-kuasar-quark-v2 \
+	KUASAR_SHIM_VMM=$(BENCH_TARGET_DIR)/release/containerd-shim-kuasar-vmm-v2 \
 		$(BENCH_TARGET_DIR)/release/kuasar-bench $(BENCH_ARGS)
 
 lint:

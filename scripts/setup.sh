@@ -2,13 +2,16 @@
 # Prepares a Debian 12 machine for building and testing the project.
 #
 # Installs the bookworm packages the build and the end-to-end tests need and
-# unpacks containerd 2.1.9 and vhost-device-vsock 0.3.0 from Debian sid and runsc
-# (gVisor) from bookworm-backports into .cache/ of the repository,
+# unpacks containerd 2.1.9 and vhost-device-vsock 0.3.0 from Debian sid, runsc
+# (gVisor) from bookworm-backports, and the older containerd releases the shim is
+# tested on (1.7.24 from trixie, 1.6.20 from bookworm) into .cache/ of the repository,
 # using a private apt configuration so nothing from sid touches the system.
 # Safe to run again: every step is skipped when its result is already there.
 set -euo pipefail
 
 CONTAINERD_VERSION="2.1.9"
+# containerd releases that launch a shim binary for every pod: "suite:version".
+OLDER_CONTAINERDS=("trixie:1.7.24" "bookworm:1.6.20")
 RUNSC_VERSION="20240729"
 VHOST_VSOCK_VERSION="0.3.0"
 
@@ -189,6 +192,23 @@ else
     containerd_ok || die "unpacked containerd does not report ${CONTAINERD_VERSION}"
 fi
 
+# --- older containerd releases, unpacked -------------------------------------
+
+# The shim's end-to-end tests run these; bookworm's own 1.6.20 is unpacked as well rather
+# than installed, so the system keeps no containerd of its own.
+for entry in "${OLDER_CONTAINERDS[@]}"; do
+    suite="${entry%%:*}"
+    version="${entry#*:}"
+    dir="${cache_dir}/containerd-${version}"
+    if reports_version "${dir}/usr/bin/containerd" " ${version}"; then
+        log "containerd ${version} present"
+    else
+        unpack_from_suite "${suite}" containerd "${version}" "${dir}"
+        reports_version "${dir}/usr/bin/containerd" " ${version}" ||
+            die "unpacked containerd does not report ${version}"
+    fi
+done
+
 # --- runsc (gVisor) from bookworm-backports, unpacked --------------------------
 
 runsc_ok() {
@@ -221,6 +241,9 @@ fi
 
 printf 'containerd: %s\n' "${containerd_dir}/usr/bin/containerd"
 printf 'ctr:        %s\n' "${containerd_dir}/usr/bin/ctr"
+for entry in "${OLDER_CONTAINERDS[@]}"; do
+    printf 'containerd: %s\n' "${cache_dir}/containerd-${entry#*:}/usr/bin/containerd"
+done
 printf 'runc:       %s\n' "$(command -v runc)"
 printf 'runsc:      %s\n' "${runsc_dir}/usr/bin/runsc"
 printf 'cni:        %s\n' "/usr/lib/cni"

@@ -182,6 +182,11 @@ pub fn remove_run(layout: &Layout) -> Result<()> {
     }
     for id in recorded_ids(layout) {
         note(remove_file(&shim_socket(layout, &id)));
+        // The socket of a pod's kuasar shim, when the shim was killed.
+        let address = layout.containerd_socket.to_string_lossy();
+        note(remove_file(&kuasar_shim::launch::socket_path(
+            &address, "k8s.io", &id,
+        )));
         note(remove_file(
             &Path::new(CNI_CACHE_DIR).join(format!("cni-loopback-{id}-lo")),
         ));

@@ -92,6 +92,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const TEARDOWN_CRI_TIMEOUT: Duration = Duration::from_secs(90);
 const LOG_TAIL_LINES: usize = 60;
+/// How long [`Harness::leftovers`] gives pods' shims, the last of a run's processes, to go.
+const SHIM_EXIT_GRACE: Duration = Duration::from_secs(3);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Serialises the choice of run ids and the removal of stale runs within this process.
@@ -215,6 +217,9 @@ impl Layout {
     }
 }
 
+/// Environment variables (name, value) of a daemon, from the run's layout.
+pub type EnvOf = fn(&Layout) -> Vec<(String, String)>;
+
 /// What a harness starts besides containerd.
 #[derive(Debug, Clone, Default)]
 pub struct HarnessOptions {
@@ -238,6 +243,16 @@ pub struct HarnessOptions {
     /// Further `[vmm]` settings (TOML lines) for the vmm sandboxer; later keys win over
     /// the harness's own.
     pub vmm_settings: Option<String>,
+    /// The containerd configuration to write instead of [`config::containerd_config`]'s.
+    pub containerd_config: Option<fn(&Layout) -> String>,
+    /// The directory of the containerd and ctr binaries to run instead of
+    /// [`containerd_bin_dir`]'s.
+    pub containerd_bin_dir: Option<PathBuf>,
+    /// Further environment variables of containerd, from the run's layout.
+    pub containerd_env: Option<EnvOf>,
+    /// Directories searched before the containerd binaries' on containerd's `PATH` (where
+    /// it finds shim binaries).
+    pub containerd_path: Vec<PathBuf>,
 }
 
 /// The quark sandboxer's own settings, its `[quark]` table.
@@ -393,6 +408,8 @@ impl Harness {
 
     /// Starts what `options` asks for and waits until CRI reports runtime and network ready.
     pub async fn start_with(options: HarnessOptions) -> Result<Self> {
+        // `KUASAR_SHIM_MODE` sends the families' handlers through their shims.
+        let (options, shim_mode) = crate::shim::options_from_env(options)?;
         let layout = allocate_run()?;
         let mut harness = Self {
             layout,
@@ -411,6 +428,9 @@ impl Harness {
                 "cannot start the test harness in {}",
                 harness.layout.run_dir.display()
             )));
+        }
+        if shim_mode {
+            crate::shim::write_shim_configs(&harness.layout)?;
         }
         Ok(harness)
     }
@@ -572,6 +592,17 @@ impl Harness {
             .chain(self.vmm_sandboxer_pid())
             .collect();
         let mut left = leftovers_of(&self.layout, &daemons)?;
+        // A pod's shim leaves just after containerd removed the pod (an exiting process has
+        // no command line any more).
+        let leaving = |p: &String| crate::shim::is_shim(p) || !p.trim().contains(' ');
+        let deadline = Instant::now() + SHIM_EXIT_GRACE;
+        while !left.processes.is_empty()
+            && left.processes.iter().all(leaving)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            left = leftovers_of(&self.layout, &daemons)?;
+        }
         left.bridge = None;
         Ok(left)
     }
@@ -634,10 +665,10 @@ impl Harness {
         ] {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        write_file(
-            &layout.containerd_config,
-            &config::containerd_config(&layout),
-        )?;
+        let containerd_config = options
+            .containerd_config
+            .unwrap_or(config::containerd_config);
+        write_file(&layout.containerd_config, &containerd_config(&layout))?;
         if let Ok(settings) = QuarkSettings::for_host() {
             write_file(&layout.runsc_v2_binary, &config::runsc_wrapper(&settings))?;
             fs::set_permissions(
@@ -666,7 +697,10 @@ impl Harness {
             images::write_wasm_layout(&wasm_tar)?;
         }
 
-        let bin_dir = containerd_bin_dir()?;
+        let bin_dir = match &options.containerd_bin_dir {
+            Some(dir) => dir.clone(),
+            None => containerd_bin_dir()?,
+        };
         let path_env = format!("{}:{SYSTEM_PATH}", bin_dir.display());
 
         if options.sandboxer {
@@ -731,11 +765,19 @@ impl Harness {
 
         let mut command = Command::new(bin_dir.join("containerd"));
         command.arg("--config").arg(&layout.containerd_config);
+        if let Some(env) = options.containerd_env {
+            command.envs(env(&layout));
+        }
+        let containerd_path: String = options
+            .containerd_path
+            .iter()
+            .map(|dir| format!("{}:", dir.display()))
+            .collect();
         self.containerd = Some(Daemon::spawn(
             "containerd",
             command,
             &layout.containerd_log,
-            &path_env,
+            &format!("{containerd_path}{path_env}"),
         )?);
 
         if let Some(sandboxer) = self.sandboxer.as_mut() {

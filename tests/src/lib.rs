@@ -8,6 +8,7 @@ pub mod config;
 pub mod cri;
 pub mod harness;
 pub mod images;
+pub mod shim;
 pub mod terminal;
 
 pub use cri::CriClient;

@@ -9,7 +9,9 @@
 //! - the quark sandboxer against containerd's runc shim driving runsc: start latency and
 //!   per-pod memory;
 //! - the vmm sandboxer: where a microVM pod's start time goes, container start in a running
-//!   VM next to the runc sandboxer, and host memory per VM pod.
+//!   VM next to the runc sandboxer, and host memory per VM pod;
+//! - the runc family through its shim binary (containerd 2.x, `sandboxer = "shim"`) next to
+//!   its native path: start latency and per-pod memory, the shim's own RSS included.
 //!
 //! Needs root, like the end-to-end tests; prints a table and never fails on a missed target.
 
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 
 mod quark;
 mod runc;
+mod shim;
 mod vmm;
 mod wasm;
 
@@ -47,11 +50,12 @@ const USAGE: &str = "usage: kuasar-bench [--iterations N] [--vm-iterations N] [-
   --rounds R        memory and throughput measurements per handler (default 3)
   --warmup W        unmeasured pod starts per handler before the latency runs (default 1)
   --burst B         containers started at once in the throughput measurement (default 50)
-  --only SECTIONS   comma-separated sections to run: runc, wasm, quark, vmm (default all)
+  --only SECTIONS   comma-separated sections to run: runc, wasm, quark, vmm, shim (default
+                    all)
 
 Runs as root against a private containerd; the sandboxer binaries are taken from
 KUASAR_RUNC_SANDBOXER, KUASAR_WASM_SANDBOXER, KUASAR_QUARK_SANDBOXER and
-KUASAR_VMM_SANDBOXER (else target/debug), runsc from KUASAR_RUNSC (else the one
+KUASAR_VMM_SANDBOXER (else target/debug), the shim from KUASAR_SHIM_RUNC, runsc from KUASAR_RUNSC (else the one
 scripts/setup.sh unpacked), the guest image from KUASAR_GUEST_DIR (else .cache/guest).";
 
 /// The benchmark's sections, each comparing one family with its baseline.
@@ -65,10 +69,12 @@ enum Section {
     Quark,
     /// vmm sandboxer: its pods' start and memory, next to the runc sandboxer.
     Vmm,
+    /// The runc family through its shim, next to its native path.
+    Shim,
 }
 
 impl Section {
-    const ALL: [Self; 4] = [Self::Runc, Self::Wasm, Self::Quark, Self::Vmm];
+    const ALL: [Self; 5] = [Self::Runc, Self::Wasm, Self::Quark, Self::Vmm, Self::Shim];
 
     fn parse(name: &str) -> Result<Self> {
         Ok(match name {
@@ -76,7 +82,8 @@ impl Section {
             "wasm" => Self::Wasm,
             "quark" => Self::Quark,
             "vmm" => Self::Vmm,
-            other => bail!("unknown section {other:?} (runc, wasm, quark or vmm)"),
+            "shim" => Self::Shim,
+            other => bail!("unknown section {other:?} (runc, wasm, quark, vmm or shim)"),
         })
     }
 }
@@ -409,14 +416,27 @@ async fn expect_clean(h: &Harness, after: &str) -> Result<()> {
 
 async fn bench(options: Options) -> Result<()> {
     let wants = |section| options.sections.contains(&section);
-    let harness = Harness::start_with(HarnessOptions {
-        sandboxer: wants(Section::Runc) || wants(Section::Wasm) || wants(Section::Vmm),
+    let harness_options = HarnessOptions {
+        sandboxer: wants(Section::Runc)
+            || wants(Section::Wasm)
+            || wants(Section::Vmm)
+            || wants(Section::Shim),
         wasm_sandboxer: wants(Section::Wasm),
         quark_sandboxer: wants(Section::Quark),
         vmm_sandboxer: wants(Section::Vmm),
         ..Default::default()
-    })
-    .await?;
+    };
+    // The shim section needs containerd's shim-mode handlers, which leave the others as
+    // they are.
+    let harness = if wants(Section::Shim) {
+        kuasar_tests::shim::start(
+            kuasar_tests::shim::ShimMode::Containerd2Shim,
+            harness_options,
+        )
+        .await?
+    } else {
+        Harness::start_with(harness_options).await?
+    };
     eprintln!(
         "benchmark run in {} (sandboxer pids: runc {:?}, wasm {:?}, quark {:?}, vmm {:?}; \
          containerd pid {:?})",
@@ -459,6 +479,13 @@ async fn bench(options: Options) -> Result<()> {
                     let memory = vmm::measure_memory(h, &options).await?;
                     vmm::print_memory(&memory, &options);
                     expect_clean(h, "the vmm sections").await?;
+                }
+                if wants(Section::Shim) {
+                    let latency = shim::measure_latency(h, &options).await?;
+                    shim::print_latency(&latency, &options);
+                    let memory = shim::measure_memory(h, &options).await?;
+                    shim::print_memory(&memory, &options);
+                    expect_clean(h, "the shim sections").await?;
                 }
                 Ok(())
             };
