@@ -319,7 +319,28 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let record: PodRecord = match crate::state::read_json(&path) {
             Ok(record) => record,
             Err(err) => {
-                tracing::error!(record = %path.display(), error = format!("{err:#}"), "unreadable pod record: the pod is not recovered and what it runs is left as it is");
+                let Some(id) = name
+                    .to_str()
+                    .filter(|id| crate::id::validate("sandbox", id).is_ok())
+                else {
+                    tracing::error!(record = %path.display(), error = format!("{err:#}"), "unreadable record of no valid sandbox id: ignored");
+                    return;
+                };
+                tracing::error!(sandbox_id = %id, record = %path.display(), error = format!("{err:#}"), "unreadable pod record: the pod cannot be served again, what it runs is ended and it is known as stopped");
+                self.end_unrecorded_pod(id).await;
+                let sandbox = Arc::new(PodSandbox {
+                    request: SandboxRequest {
+                        id: id.to_string(),
+                        ..Default::default()
+                    },
+                    created_at: SystemTime::now(),
+                    socket: self.task_socket(id),
+                    files: PodFiles::new(&self.cri_root_dir, &self.cri_state_dir, id),
+                    exit: watch::channel(None).0,
+                    running: Default::default(),
+                });
+                record_exit(&sandbox.exit, (255, SystemTime::now()));
+                self.lock().insert(id.to_string(), sandbox);
                 return;
             }
         };
@@ -421,6 +442,36 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             cgroup,
             address: format!("ttrpc+unix://{}", self.relay_sockets(id).tasks.display()),
         })
+    }
+
+    /// Ends what a pod whose record is unreadable runs, found without the record: its
+    /// relay by the sockets its command line names, its namespace holder (and whatever
+    /// else) by the pod's cgroup, which is named by the sandbox id, and what the family
+    /// runs for it.
+    async fn end_unrecorded_pod(&self, id: &str) {
+        let sockets = self.relay_sockets(id);
+        let mut processes = crate::process::naming(&sockets.tasks.display().to_string());
+        let in_cgroup = crate::process::in_cgroup_named(id);
+        let cgroup_path = in_cgroup.first().map(|(_, path)| path.clone());
+        processes.extend(in_cgroup.into_iter().map(|(process, _)| process));
+        for process in &processes {
+            process.signal(Signal::SIGKILL);
+        }
+        for process in &processes {
+            wait_gone(*process).await;
+        }
+        if let Err(err) = self.runtime.stop_pod(id).await {
+            tracing::warn!(sandbox_id = %id, error = %err, "cannot stop what is left of the pod");
+        }
+        for socket in [self.task_socket(id), sockets.tasks, sockets.fifos] {
+            let _ = std::fs::remove_file(socket);
+        }
+        if let Some(path) = cgroup_path {
+            if let Err(err) = Cgroup::existing(&path).and_then(|cgroup| cgroup.remove()) {
+                tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove the pod's cgroup");
+            }
+        }
+        tracing::info!(sandbox_id = %id, processes = processes.len(), "what the unrecorded pod ran is ended");
     }
 
     /// Kills a pod's task relay, waits until it is gone and removes its sockets.

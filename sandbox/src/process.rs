@@ -56,6 +56,51 @@ pub fn own_binary() -> std::process::Command {
     command
 }
 
+/// The pids in `/proc`, this process's own left out.
+fn other_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .collect()
+}
+
+/// The processes with an argument containing `text` (a path of the sandboxer's own state,
+/// which names the processes a sandboxer started for one pod).
+pub fn naming(text: &str) -> Vec<ProcessId> {
+    other_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                raw.split(|b| *b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(text))
+            })
+        })
+        .filter_map(|pid| ProcessId::of(pid).ok())
+        .collect()
+}
+
+/// The processes in a cgroup named `name` (the last component of its path), with that
+/// cgroup's path as the first hierarchy in `/proc/<pid>/cgroup` lists it.
+pub fn in_cgroup_named(name: &str) -> Vec<(ProcessId, String)> {
+    let suffix = format!("/{name}");
+    other_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            let path = cgroups
+                .lines()
+                .filter_map(|line| line.splitn(3, ':').nth(2))
+                .find(|path| path.ends_with(&suffix))?
+                .to_string();
+            Some((ProcessId::of(pid).ok()?, path))
+        })
+        .collect()
+}
+
 /// Start time of process `pid` in clock ticks after boot; `None` when it is gone (a
 /// zombie counts as gone).
 pub fn start_time(pid: u32) -> Option<u64> {
@@ -109,6 +154,25 @@ mod tests {
             !reused.is_alive(),
             "a pid with another start time is not ours"
         );
+    }
+
+    #[test]
+    fn processes_are_found_by_their_arguments() {
+        use std::os::unix::process::CommandExt;
+        let marker = format!("kuasar-process-test-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep")
+            .arg0(&marker)
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = naming(&marker);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            found.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            vec![child.id()]
+        );
+        assert!(naming("kuasar-no-such-argument-anywhere-0").is_empty());
     }
 
     #[tokio::test]

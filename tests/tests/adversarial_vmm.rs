@@ -869,6 +869,78 @@ async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Re
     Ok(())
 }
 
+/// The sandboxer is killed and one pod's record damaged before the restart. The
+/// restarted sandboxer says so, ends what that pod ran (its VM, relay and namespace
+/// holder, found without the record) and reports it stopped, so that it removes cleanly;
+/// the other pod is taken over as usual.
+#[tokio::test]
+async fn a_damaged_pod_record_ends_that_pod_and_spares_the_others() -> Result<()> {
+    let _slots = VmSlots::take(2);
+    let mut h = Harness::start_with_vmm_sandboxer().await?;
+    let layout = h.layout().clone();
+    let outcome: Result<()> = async {
+        let damaged = h.run_pod("damaged", KUASAR_VMM_HANDLER).await?;
+        let healthy = h.run_pod("healthy", KUASAR_VMM_HANDLER).await?;
+        let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
+        let damaged_id = h.start_container(&damaged, &sleeper).await?;
+        let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
+        let healthy_id = h.start_container(&healthy, &shell).await?;
+
+        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
+        cleanup::signal(sandboxer, libc::SIGKILL)?;
+        wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
+            !process_alive(sandboxer)
+        })
+        .await?;
+        let record = h
+            .layout()
+            .vmm_state
+            .join("pods")
+            .join(&damaged.id)
+            .join("pod.json");
+        std::fs::write(&record, b"{\"id\": 12")?;
+        h.restart_vmm_sandboxer()?;
+
+        status_after_restart(&h, &healthy).await?;
+        let log = std::fs::read_to_string(&h.layout().vmm_log)?;
+        ensure!(
+            log.lines()
+                .any(|line| line.contains("unreadable pod record") && line.contains(&damaged.id)),
+            "the sandboxer's log does not name the damaged record"
+        );
+        wait_pod_state(&h, &damaged, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
+            .await
+            .context("the pod whose record was damaged")?;
+        h.cri()
+            .wait_container_exited(&damaged_id, CALL_TIMEOUT)
+            .await
+            .context("the container of the pod whose record was damaged")?;
+        let exec = bounded("ExecSync", h.cri().exec_sync(&healthy_id, &["true"], 30)).await??;
+        ensure!(
+            exec.exit_code == 0,
+            "the healthy pod was not taken over: {exec:?}"
+        );
+        bounded("StopPodSandbox", h.cri().stop_pod(&healthy.id)).await??;
+        bounded("RemovePodSandbox", h.cri().remove_pod(&healthy.id)).await??;
+
+        bounded("removing the damaged pod", h.remove_pod_and_check(&damaged)).await??;
+        ensure!(vm_gone(&h, &damaged), "the damaged pod's VM was left");
+        Ok(())
+    }
+    .await;
+    if let Err(err) = &outcome {
+        eprintln!("test failed: {err:#}");
+        h.print_log_tails();
+        print_vm_logs(&h);
+    }
+    let teardown = h.teardown();
+    eprintln!("teardown: {teardown:?}");
+    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
+    outcome?;
+    ensure!(left.is_empty(), "after teardown:\n{left}");
+    Ok(())
+}
+
 /// Reads terminal output from `session` until `needle` shows up (true), the session
 /// ends (`<session ended>` is appended) or `limit` passes (false).
 async fn read_terminal_until(

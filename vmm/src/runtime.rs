@@ -159,26 +159,6 @@ impl Vm {
     }
 }
 
-/// The processes whose command line names `dir` (as a directory: `<dir>/`).
-fn processes_naming(dir: &Path) -> Vec<ProcessId> {
-    let needle = format!("{}/", dir.display());
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                raw.split(|b| *b == 0)
-                    .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
-            })
-        })
-        .filter_map(|pid| ProcessId::of(pid).ok())
-        .collect()
-}
-
 /// Where the streams a VM's stdio ports copy are recorded.
 fn stdio_records(vm_dir: &Path) -> PathBuf {
     vm_dir.join("stdio")
@@ -420,7 +400,7 @@ impl VmRuntime {
     async fn stop_recorded_vm(&self, id: &str) {
         let dir = self.vm_dir(id);
         let record = kuasar_sandbox::state::read_json::<VmRecord>(&dir.join(VM_RECORD)).ok();
-        let mut processes: Vec<ProcessId> = processes_naming(&dir);
+        let mut processes: Vec<ProcessId> = process::naming(&format!("{}/", dir.display()));
         if let Some(record) = &record {
             processes.push(record.qemu);
             processes.extend(record.vsock);
