@@ -8,7 +8,6 @@
 //! orphans when it is the pod's PID 1.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,7 +17,6 @@ use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::{fork, ForkResult, Pid};
-use tokio::io::AsyncBufReadExt;
 
 use crate::pod::PodNamespaces;
 use crate::reaper::{self, ExitReceiver};
@@ -115,37 +113,13 @@ pub async fn spawn(spec: &HolderSpec) -> anyhow::Result<Holder> {
         .stderr(Stdio::piped());
     let (mut child, launcher_exit) =
         reaper::spawn(&mut command).context("start namespace holder")?;
-    let stdout = child.stdout.take().context("holder stdout")?;
-    let stderr = child.stderr.take().context("holder stderr")?;
-
-    let report = async {
-        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into())?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .await?;
-        Ok::<_, std::io::Error>(line)
-    };
-    let line = tokio::time::timeout(READY_TIMEOUT, report)
-        .await
-        .context("namespace holder did not report in time")?
-        .context("read namespace holder report")?;
-
+    let line = crate::process::read_report(&mut child, READY_TIMEOUT, "namespace holder").await?;
     let pid: u32 = match line.trim().parse() {
         Ok(pid) => pid,
-        Err(_) => {
-            let mut message = String::new();
-            let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr.into())?;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read_to_string(
-                    &mut tokio::io::BufReader::new(stderr),
-                    &mut message,
-                ),
-            )
-            .await;
-            bail!("namespace holder failed: {}", message.trim());
-        }
+        Err(_) => bail!(
+            "namespace holder failed: {}",
+            crate::process::failure_output(&mut child).await
+        ),
     };
     // With a PID namespace the launcher forks the holder and exits; its re-parented child
     // is the holder.
@@ -209,7 +183,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     } else {
         report(std::process::id())?;
     }
-    detach_stdio()?;
+    crate::process::detach_stdio()?;
     sleep_and_reap()
 }
 
@@ -217,22 +191,6 @@ fn report(pid: u32) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{pid}").context("report holder pid")?;
     stdout.flush().context("report holder pid")
-}
-
-fn detach_stdio() -> anyhow::Result<()> {
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .context("open /dev/null")?;
-    for fd in 0..=2 {
-        // SAFETY: dup2 onto the standard descriptors of this process, from a descriptor
-        // that stays open for the call.
-        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-            return Err(std::io::Error::last_os_error()).context("redirect holder stdio");
-        }
-    }
-    Ok(())
 }
 
 extern "C" fn on_sigchld(_: libc::c_int) {}

@@ -169,14 +169,16 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             .unwrap_or_default();
         let cgroup_path = (!cgroup_parent.is_empty())
             .then(|| format!("{}/{id}", cgroup_parent.trim_end_matches('/')));
-        let recoverable = self.runtime.recoverable();
-        let mut record = PodRecord {
+        let netns = sandbox
+            .request
+            .netns_path
+            .clone()
+            .filter(|_| !namespaces.host_network);
+        // Pods that outlive the sandboxer are recorded from the start, so that a sandboxer
+        // dying halfway leaves nothing its successor does not know of.
+        let mut record = self.runtime.recoverable().then(|| PodRecord {
             id: id.to_string(),
-            netns_path: sandbox
-                .request
-                .netns_path
-                .clone()
-                .filter(|_| !namespaces.host_network),
+            netns_path: netns.clone(),
             hostname: hostname.clone(),
             created_at: sandbox.created_at,
             // A holder gone already is recorded as such (start time 0).
@@ -187,12 +189,10 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
             relay: None,
             cgroup_path: cgroup_path.clone(),
             started: false,
-        };
-        if recoverable {
-            // Recorded from the start, so that a sandboxer dying halfway leaves nothing
-            // its successor does not know of.
+        });
+        if let Some(record) = &record {
             cleanup.records = Some(self.pod_dir(id));
-            self.write_record(&record)?;
+            self.write_record(record)?;
         }
         if !cgroup_parent.is_empty() {
             let cgroup = Cgroup::create(cgroup_parent, id)?;
@@ -203,15 +203,15 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         cleanup.files = Some(sandbox.files.clone());
 
         let mut tasks = TaskService::new(id, self.runtime.clone(), self.events.clone());
-        if recoverable {
+        if record.is_some() {
             tasks = tasks.with_records(self.pod_dir(id).join("containers"))?;
         }
         let tasks = Arc::new(tasks);
         let server = TaskServer::start(&sandbox.socket, tasks.clone()).await?;
         let mut address = server.address();
         let relay_sockets = self.relay_sockets(id);
-        let relay = if recoverable {
-            match self.start_relay(sandbox, &mut record).await {
+        let relay = if let Some(record) = &mut record {
+            match self.start_relay(sandbox, record).await {
                 Ok(relay) => {
                     address = format!("ttrpc+unix://{}", relay_sockets.tasks.display());
                     Some(relay)
@@ -228,18 +228,18 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let context = PodContext {
             id: id.to_string(),
             holder_pid,
-            netns: record.netns_path.clone(),
+            netns,
             hostname: hostname.clone(),
             cgroup_path: cgroup_path.filter(|_| cleanup.cgroup.is_some()),
             fifo_keeper: relay.map(|_| relay_sockets.fifos.clone()),
         };
-        let started = match self.runtime.start_pod(&context).await {
-            Ok(exit) if recoverable => {
+        let started = match (self.runtime.start_pod(&context).await, &mut record) {
+            (Ok(exit), Some(record)) => {
                 record.started = true;
-                self.write_record(&record).map(|()| exit)
+                self.write_record(record).map(|()| exit)
             }
-            Ok(exit) => Ok(exit),
-            Err(err) => Err(anyhow::Error::new(err)),
+            (Ok(exit), None) => Ok(exit),
+            (Err(err), _) => Err(anyhow::Error::new(err)),
         };
         let pod_exit = match started {
             Ok(exit) => exit,
@@ -256,7 +256,7 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         };
         watch_pod_exit(id, sandbox, pod_exit);
         let holder_exited = watch_holder(id, sandbox, holder_pid, holder.exit);
-        if let Some(relay) = relay {
+        if let (Some(relay), Some(record)) = (relay, &record) {
             watch_relay(id, sandbox, relay, record.holder);
         }
 
@@ -454,61 +454,43 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
         let in_cgroup = crate::process::in_cgroup_named(id);
         let cgroup_path = in_cgroup.first().map(|(_, path)| path.clone());
         processes.extend(in_cgroup.into_iter().map(|(process, _)| process));
-        for process in &processes {
-            process.signal(Signal::SIGKILL);
-        }
-        for process in &processes {
-            wait_gone(*process).await;
-        }
-        if let Err(err) = self.runtime.stop_pod(id).await {
-            tracing::warn!(sandbox_id = %id, error = %err, "cannot stop what is left of the pod");
-        }
-        for socket in [self.task_socket(id), sockets.tasks, sockets.fifos] {
-            let _ = std::fs::remove_file(socket);
-        }
-        if let Some(path) = cgroup_path {
-            if let Err(err) = Cgroup::existing(&path).and_then(|cgroup| cgroup.remove()) {
-                tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove the pod's cgroup");
-            }
-        }
-        tracing::info!(sandbox_id = %id, processes = processes.len(), "what the unrecorded pod ran is ended");
+        tracing::info!(sandbox_id = %id, processes = processes.len(), "ending what the unrecorded pod runs");
+        self.end_leftovers(id, &processes, cgroup_path.as_deref())
+            .await;
     }
 
     /// Kills a pod's task relay, waits until it is gone and removes its sockets.
     async fn end_relay(&self, id: &str, relay: ProcessId) {
-        relay.signal(Signal::SIGKILL);
-        wait_gone(relay).await;
+        kill_and_wait(relay).await;
         let sockets = self.relay_sockets(id);
-        for socket in [sockets.tasks, sockets.fifos] {
-            if let Err(err) = std::fs::remove_file(&socket) {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(sandbox_id = %id, socket = %socket.display(), error = %err, "cannot remove a relay socket");
-                }
-            }
-        }
+        remove_sockets(id, [sockets.tasks, sockets.fifos]);
     }
 
-    /// Ends what is left of a recorded pod that cannot be served again: its relay, its
-    /// holder, what the family runs for it, its task socket and its cgroup.
+    /// Ends what is left of a recorded pod that cannot be served again.
     async fn abandon_pod(&self, record: &PodRecord) {
-        let id = &record.id;
-        if let Some(relay) = record.relay {
-            self.end_relay(id, relay).await;
+        let processes: Vec<ProcessId> = record.relay.into_iter().chain([record.holder]).collect();
+        self.end_leftovers(&record.id, &processes, record.cgroup_path.as_deref())
+            .await;
+    }
+
+    /// Ends a pod that cannot be served again: `processes` (its relay and holder), what the
+    /// family runs for it, its sockets and its cgroup.
+    async fn end_leftovers(&self, id: &str, processes: &[ProcessId], cgroup_path: Option<&str>) {
+        for process in processes {
+            process.signal(Signal::SIGKILL);
         }
-        record.holder.signal(Signal::SIGKILL);
-        wait_gone(record.holder).await;
+        for process in processes {
+            if !process.wait_gone(HOLDER_EXIT_TIMEOUT).await {
+                tracing::warn!(sandbox_id = %id, pid = process.pid, "process did not exit after SIGKILL");
+            }
+        }
         if let Err(err) = self.runtime.stop_pod(id).await {
             tracing::warn!(sandbox_id = %id, error = %err, "cannot stop what is left of the pod");
         }
-        let socket = self.task_socket(id);
-        if let Err(err) = std::fs::remove_file(&socket) {
-            if err.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(sandbox_id = %id, socket = %socket.display(), error = %err, "cannot remove the task socket");
-            }
-        }
-        if let Some(path) = &record.cgroup_path {
-            let removed = Cgroup::existing(path).and_then(|cgroup| cgroup.remove());
-            if let Err(err) = removed {
+        let relay = self.relay_sockets(id);
+        remove_sockets(id, [self.task_socket(id), relay.tasks, relay.fifos]);
+        if let Some(path) = cgroup_path {
+            if let Err(err) = Cgroup::existing(path).and_then(|cgroup| cgroup.remove()) {
                 tracing::warn!(sandbox_id = %id, error = format!("{err:#}"), "cannot remove the pod's cgroup");
             }
         }
@@ -532,15 +514,22 @@ impl<R: ContainerRuntime> PodSandboxer<R> {
     }
 }
 
-/// Waits until a killed process is gone (or [`HOLDER_EXIT_TIMEOUT`] has passed).
-async fn wait_gone(process: ProcessId) {
-    let deadline = tokio::time::Instant::now() + HOLDER_EXIT_TIMEOUT;
-    while process.is_alive() {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(pid = process.pid, "process did not exit after SIGKILL");
-            return;
+/// Kills `process` and waits until it is gone (at most [`HOLDER_EXIT_TIMEOUT`]).
+async fn kill_and_wait(process: ProcessId) {
+    process.signal(Signal::SIGKILL);
+    if !process.wait_gone(HOLDER_EXIT_TIMEOUT).await {
+        tracing::warn!(pid = process.pid, "process did not exit after SIGKILL");
+    }
+}
+
+/// Removes the sockets of pod `id` that are there.
+fn remove_sockets<const N: usize>(id: &str, sockets: [PathBuf; N]) {
+    for socket in sockets {
+        if let Err(err) = std::fs::remove_file(&socket) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sandbox_id = %id, socket = %socket.display(), error = %err, "cannot remove a socket");
+            }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

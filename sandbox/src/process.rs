@@ -35,6 +35,18 @@ impl ProcessId {
         start_time(self.pid) == Some(self.start_time)
     }
 
+    /// Waits until the process is gone, at most `limit`; whether it is.
+    pub async fn wait_gone(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.is_alive() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Signals the process if it is still the recorded one.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         if self.is_alive() {
@@ -54,6 +66,71 @@ pub fn own_binary() -> std::process::Command {
         command.arg0(path);
     }
     command
+}
+
+/// Reads the first line a helper started from [`own_binary`] writes on its stdout (its
+/// report that it is ready), at most `timeout`; `what` names the helper in errors.
+pub async fn read_report(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+    what: &str,
+) -> anyhow::Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child
+        .stdout
+        .take()
+        .with_context(|| format!("{what}'s stdout"))?;
+    let report = async {
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into())?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    tokio::time::timeout(timeout, report)
+        .await
+        .with_context(|| format!("{what} did not report within {timeout:?}"))?
+        .with_context(|| format!("read the report of the {what}"))
+}
+
+/// What a helper that failed wrote on its stderr (read for at most two seconds).
+pub async fn failure_output(child: &mut std::process::Child) -> String {
+    let Some(stderr) = child.stderr.take() else {
+        return String::new();
+    };
+    let Ok(stderr) = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr.into()) else {
+        return String::new();
+    };
+    let mut message = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read_to_string(
+            &mut tokio::io::BufReader::new(stderr),
+            &mut message,
+        ),
+    )
+    .await;
+    message.trim().to_string()
+}
+
+/// Points this process's stdin, stdout and stderr at `/dev/null`: a helper does so once
+/// it has reported, so that it holds no pipe of the sandboxer that started it.
+pub fn detach_stdio() -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("open /dev/null")?;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors of this process, from a descriptor
+        // that stays open for the call.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("redirect stdio to /dev/null");
+        }
+    }
+    Ok(())
 }
 
 /// The pids in `/proc`, this process's own left out.

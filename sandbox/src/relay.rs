@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use protobuf::Message;
-use tokio::io::AsyncBufReadExt;
 
 use crate::process::ProcessId;
 use crate::reaper;
@@ -84,39 +83,21 @@ pub async fn spawn(sockets: &RelaySockets, upstream: &Path) -> anyhow::Result<Pr
         .stderr(Stdio::piped());
     let (mut child, _exit) = reaper::spawn(&mut command).context("start the task relay")?;
     let pid = child.id();
-    let stdout = child.stdout.take().context("relay stdout")?;
-    let stderr = child.stderr.take().context("relay stderr")?;
-    let ready = async {
-        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into())?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .await?;
-        Ok::<_, std::io::Error>(line)
-    };
-    let line = match tokio::time::timeout(READY_TIMEOUT, ready).await {
-        Ok(Ok(line)) => line,
-        Ok(Err(err)) => return Err(err).context("read the task relay's report"),
-        Err(_) => {
+    let line = match crate::process::read_report(&mut child, READY_TIMEOUT, "task relay").await {
+        Ok(line) => line,
+        Err(err) => {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            bail!("the task relay did not listen within {READY_TIMEOUT:?}");
+            return Err(err);
         }
     };
     if line.trim() != READY_LINE {
-        let mut message = String::new();
-        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr.into())?;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::io::AsyncReadExt::read_to_string(
-                &mut tokio::io::BufReader::new(stderr),
-                &mut message,
-            ),
-        )
-        .await;
-        bail!("the task relay failed: {}", message.trim());
+        bail!(
+            "the task relay failed: {}",
+            crate::process::failure_output(&mut child).await
+        );
     }
     ProcessId::of(pid)
 }
@@ -164,7 +145,7 @@ fn serve(listen: &Path, upstream: &Path, fifos: &Path) -> anyhow::Result<()> {
         .spawn(move || keep_fifos(fifo_listener))
         .context("start the FIFO keeper")?;
     println!("{READY_LINE}");
-    detach_stdio()?;
+    crate::process::detach_stdio()?;
     for downstream in listener.incoming() {
         let Ok(downstream) = downstream else {
             continue;
@@ -173,23 +154,6 @@ fn serve(listen: &Path, upstream: &Path, fifos: &Path) -> anyhow::Result<()> {
         let _ = std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || relay(downstream, upstream));
-    }
-    Ok(())
-}
-
-fn detach_stdio() -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .context("open /dev/null")?;
-    for fd in 0..=2 {
-        // SAFETY: dup2 onto the standard descriptors of this process, from a descriptor
-        // that stays open for the call.
-        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-            return Err(std::io::Error::last_os_error()).context("redirect relay stdio");
-        }
     }
     Ok(())
 }

@@ -437,8 +437,16 @@ impl Harness {
 
     /// Runs `body` against the harness, prints the daemons' log tails when it fails, then tears
     /// the harness down and checks that nothing of the run is left on the host.
-    pub async fn run<T>(mut self, body: impl AsyncFnOnce(&Harness) -> Result<T>) -> Result<T> {
-        let result = body(&self).await;
+    pub async fn run<T>(self, body: impl AsyncFnOnce(&Harness) -> Result<T>) -> Result<T> {
+        self.run_mut(async |h: &mut Harness| body(h).await).await
+    }
+
+    /// [`Harness::run`] for a body that changes the harness (restarts a daemon, say).
+    pub async fn run_mut<T>(
+        mut self,
+        body: impl AsyncFnOnce(&mut Harness) -> Result<T>,
+    ) -> Result<T> {
+        let result = body(&mut self).await;
         if let Err(e) = &result {
             eprintln!("test failed: {e:#}");
             self.print_log_tails();

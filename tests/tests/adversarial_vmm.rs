@@ -95,9 +95,34 @@ async fn vm_test(vms: u32, body: impl AsyncFnOnce(&Harness) -> Result<()>) -> Re
         .await
 }
 
+/// [`vm_test`] for a body that restarts the sandboxer.
+async fn restart_test(vms: u32, body: impl AsyncFnOnce(&mut Harness) -> Result<()>) -> Result<()> {
+    let _slots = VmSlots::take(vms);
+    Harness::start_with_vmm_sandboxer()
+        .await?
+        .run_mut(async |h: &mut Harness| {
+            let result = Box::pin(body(h)).await;
+            if result.is_err() {
+                print_vm_logs(h);
+            }
+            result
+        })
+        .await
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
+
+/// SIGKILLs the vmm sandboxer and waits until it is gone.
+async fn kill_sandboxer(h: &Harness) -> Result<()> {
+    let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
+    cleanup::signal(sandboxer, libc::SIGKILL)?;
+    wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
+        !process_alive(sandboxer)
+    })
+    .await
+}
 
 /// Fails with "`what` hangs" when `future` does not finish within [`CALL_TIMEOUT`].
 async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> Result<T> {
@@ -644,10 +669,7 @@ fn last_tick(log: &str) -> Option<u32> {
 /// nothing behind.
 #[tokio::test]
 async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
-    let _slots = VmSlots::take(1);
-    let mut h = Harness::start_with_vmm_sandboxer().await?;
-    let layout = h.layout().clone();
-    let outcome: Result<()> = async {
+    restart_test(1, async |h: &mut Harness| {
         let pod = h.run_pod("survivor", KUASAR_VMM_HANDLER).await?;
         let ticker = h.container_config("ticker", BUSYBOX_IMAGE, &["sh", "-c", TICKING_SHELL]);
         let id = h.start_container(&pod, &ticker).await?;
@@ -656,7 +678,7 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
                 .is_ok_and(|log| last_tick(&log).is_some_and(|n| n >= 2))
         })
         .await?;
-        let qemu = qemu_of(&h, &pod)?;
+        let qemu = qemu_of(h, &pod)?;
         let started_at = h.cri().container_status(&id).await?.started_at;
         // An exec that is still running when the sandboxer dies, and ends after its restart.
         let cri = h.cri().clone();
@@ -671,12 +693,7 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
         });
         tokio::time::sleep(Duration::from_secs(3)).await;
 
-        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
-        cleanup::signal(sandboxer, libc::SIGKILL)?;
-        wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
-            !process_alive(sandboxer)
-        })
-        .await?;
+        kill_sandboxer(h).await?;
         let config = h.pod_config("while-away")?;
         let run = bounded(
             "RunPodSandbox",
@@ -688,10 +705,10 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
 
         h.restart_vmm_sandboxer()?;
         ensure!(
-            process_alive(qemu) && qemu_of(&h, &pod)? == qemu,
+            process_alive(qemu) && qemu_of(h, &pod)? == qemu,
             "the VM did not survive the sandboxer's restart"
         );
-        let status = status_after_restart(&h, &pod).await?;
+        let status = status_after_restart(h, &pod).await?;
         ensure!(
             status.state == PodSandboxState::SandboxReady as i32,
             "the pod is not ready after the restart: {status:?}"
@@ -745,21 +762,10 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
             stopped.exit_code
         );
         h.remove_pod_and_check(&pod).await?;
-        ensure!(vm_gone(&h, &pod), "the VM was left after removal");
+        ensure!(vm_gone(h, &pod), "the VM was left after removal");
         Ok(())
-    }
-    .await;
-    if let Err(err) = &outcome {
-        eprintln!("test failed: {err:#}");
-        h.print_log_tails();
-        print_vm_logs(&h);
-    }
-    let teardown = h.teardown();
-    eprintln!("teardown: {teardown:?}");
-    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
-    outcome?;
-    ensure!(left.is_empty(), "after teardown:\n{left}");
-    Ok(())
+    })
+    .await
 }
 
 /// The VM dies while the sandboxer is away. Restarted, the sandboxer knows the pod as
@@ -767,26 +773,18 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
 /// process, mount or file of the VM behind.
 #[tokio::test]
 async fn vm_lost_while_the_sandboxer_is_away_is_reported_and_removable() -> Result<()> {
-    let _slots = VmSlots::take(1);
-    let mut h = Harness::start_with_vmm_sandboxer().await?;
-    let layout = h.layout().clone();
-    let outcome: Result<()> = async {
+    restart_test(1, async |h: &mut Harness| {
         let pod = h.run_pod("lost", KUASAR_VMM_HANDLER).await?;
         let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
         let id = h.start_container(&pod, &sleeper).await?;
-        let qemu = qemu_of(&h, &pod)?;
-        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
-        cleanup::signal(sandboxer, libc::SIGKILL)?;
-        wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
-            !process_alive(sandboxer)
-        })
-        .await?;
+        let qemu = qemu_of(h, &pod)?;
+        kill_sandboxer(h).await?;
         cleanup::signal(qemu, libc::SIGKILL)?;
         wait_until("QEMU is gone", NOTICE_TIMEOUT, || !process_alive(qemu)).await?;
 
         h.restart_vmm_sandboxer()?;
-        status_after_restart(&h, &pod).await?;
-        wait_pod_state(&h, &pod, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
+        status_after_restart(h, &pod).await?;
+        wait_pod_state(h, &pod, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
             .await
             .context("the pod whose VM was lost")?;
         h.cri()
@@ -794,21 +792,10 @@ async fn vm_lost_while_the_sandboxer_is_away_is_reported_and_removable() -> Resu
             .await
             .context("the container of the lost VM")?;
         bounded("removing the pod", h.remove_pod_and_check(&pod)).await??;
-        ensure!(vm_gone(&h, &pod), "the lost VM left processes or files");
+        ensure!(vm_gone(h, &pod), "the lost VM left processes or files");
         Ok(())
-    }
-    .await;
-    if let Err(err) = &outcome {
-        eprintln!("test failed: {err:#}");
-        h.print_log_tails();
-        print_vm_logs(&h);
-    }
-    let teardown = h.teardown();
-    eprintln!("teardown: {teardown:?}");
-    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
-    outcome?;
-    ensure!(left.is_empty(), "after teardown:\n{left}");
-    Ok(())
+    })
+    .await
 }
 
 /// The sandboxer is SIGKILLed while a pod's VM boots. RunPodSandbox fails; restarted,
@@ -816,14 +803,11 @@ async fn vm_lost_while_the_sandboxer_is_away_is_reported_and_removable() -> Resu
 /// leaves nothing behind, and the next pod runs.
 #[tokio::test]
 async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Result<()> {
-    let _slots = VmSlots::take(2);
-    let mut h = Harness::start_with_vmm_sandboxer().await?;
-    let layout = h.layout().clone();
-    let outcome: Result<()> = async {
+    restart_test(2, async |h: &mut Harness| {
         let config = h.pod_config("half-started")?;
         let cri = h.cri().clone();
         let run = tokio::spawn(async move { cri.run_pod(&config, KUASAR_VMM_HANDLER).await });
-        let vms = vms_dir(&h);
+        let vms = vms_dir(h);
         wait_until("a VM boots", NOTICE_TIMEOUT, || {
             cleanup::host_processes().iter().any(|(_, cmdline)| {
                 cmdline.contains("qemu-system") && cmdline.contains(&*vms.to_string_lossy())
@@ -844,7 +828,7 @@ async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Re
         // containerd may need a moment to dial the restarted sandboxer again.
         let began = Instant::now();
         loop {
-            match next_pod_works(&h, "after-restart").await {
+            match next_pod_works(h, "after-restart").await {
                 Ok(()) => break,
                 Err(err) if began.elapsed() < CALL_TIMEOUT => {
                     eprintln!("pod after the restart: {err:#}");
@@ -854,19 +838,8 @@ async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Re
             }
         }
         Ok(())
-    }
-    .await;
-    if let Err(err) = &outcome {
-        eprintln!("test failed: {err:#}");
-        h.print_log_tails();
-        print_vm_logs(&h);
-    }
-    let teardown = h.teardown();
-    eprintln!("teardown: {teardown:?}");
-    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
-    outcome?;
-    ensure!(left.is_empty(), "after teardown:\n{left}");
-    Ok(())
+    })
+    .await
 }
 
 /// The sandboxer is killed and one pod's record damaged before the restart. The
@@ -875,10 +848,7 @@ async fn sandboxer_killed_while_a_vm_boots_leaves_nothing_once_restarted() -> Re
 /// the other pod is taken over as usual.
 #[tokio::test]
 async fn a_damaged_pod_record_ends_that_pod_and_spares_the_others() -> Result<()> {
-    let _slots = VmSlots::take(2);
-    let mut h = Harness::start_with_vmm_sandboxer().await?;
-    let layout = h.layout().clone();
-    let outcome: Result<()> = async {
+    restart_test(2, async |h: &mut Harness| {
         let damaged = h.run_pod("damaged", KUASAR_VMM_HANDLER).await?;
         let healthy = h.run_pod("healthy", KUASAR_VMM_HANDLER).await?;
         let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
@@ -886,12 +856,7 @@ async fn a_damaged_pod_record_ends_that_pod_and_spares_the_others() -> Result<()
         let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
         let healthy_id = h.start_container(&healthy, &shell).await?;
 
-        let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
-        cleanup::signal(sandboxer, libc::SIGKILL)?;
-        wait_until("the sandboxer is gone", NOTICE_TIMEOUT, || {
-            !process_alive(sandboxer)
-        })
-        .await?;
+        kill_sandboxer(h).await?;
         let record = h
             .layout()
             .vmm_state
@@ -901,14 +866,14 @@ async fn a_damaged_pod_record_ends_that_pod_and_spares_the_others() -> Result<()
         std::fs::write(&record, b"{\"id\": 12")?;
         h.restart_vmm_sandboxer()?;
 
-        status_after_restart(&h, &healthy).await?;
+        status_after_restart(h, &healthy).await?;
         let log = std::fs::read_to_string(&h.layout().vmm_log)?;
         ensure!(
             log.lines()
                 .any(|line| line.contains("unreadable pod record") && line.contains(&damaged.id)),
             "the sandboxer's log does not name the damaged record"
         );
-        wait_pod_state(&h, &damaged, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
+        wait_pod_state(h, &damaged, PodSandboxState::SandboxNotready, CALL_TIMEOUT)
             .await
             .context("the pod whose record was damaged")?;
         h.cri()
@@ -924,21 +889,10 @@ async fn a_damaged_pod_record_ends_that_pod_and_spares_the_others() -> Result<()
         bounded("RemovePodSandbox", h.cri().remove_pod(&healthy.id)).await??;
 
         bounded("removing the damaged pod", h.remove_pod_and_check(&damaged)).await??;
-        ensure!(vm_gone(&h, &damaged), "the damaged pod's VM was left");
+        ensure!(vm_gone(h, &damaged), "the damaged pod's VM was left");
         Ok(())
-    }
-    .await;
-    if let Err(err) = &outcome {
-        eprintln!("test failed: {err:#}");
-        h.print_log_tails();
-        print_vm_logs(&h);
-    }
-    let teardown = h.teardown();
-    eprintln!("teardown: {teardown:?}");
-    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
-    outcome?;
-    ensure!(left.is_empty(), "after teardown:\n{left}");
-    Ok(())
+    })
+    .await
 }
 
 /// Reads terminal output from `session` until `needle` shows up (true), the session
@@ -982,10 +936,7 @@ async fn read_terminal_until(
 /// waiting in the guest and a session that never ends; the container itself runs on.
 #[tokio::test]
 async fn sigterm_is_prompt_and_a_restart_ends_interactive_execs() -> Result<()> {
-    let _slots = VmSlots::take(1);
-    let mut h = Harness::start_with_vmm_sandboxer().await?;
-    let layout = h.layout().clone();
-    let outcome: Result<()> = async {
+    restart_test(1, async |h: &mut Harness| {
         let pod = h.run_pod("interactive", KUASAR_VMM_HANDLER).await?;
         let shell = h.container_config("shell", BUSYBOX_IMAGE, &["sh", "-c", TRAPPING_SHELL]);
         let id = h.start_container(&pod, &shell).await?;
@@ -1007,7 +958,7 @@ async fn sigterm_is_prompt_and_a_restart_ends_interactive_execs() -> Result<()> 
         })
         .await?;
         h.restart_vmm_sandboxer()?;
-        status_after_restart(&h, &pod).await?;
+        status_after_restart(h, &pod).await?;
         let mut after = String::new();
         ensure!(
             read_terminal_until(&mut session, "<session ended>", &mut after, CALL_TIMEOUT).await,
@@ -1037,19 +988,8 @@ async fn sigterm_is_prompt_and_a_restart_ends_interactive_execs() -> Result<()> 
             stopped.exit_code
         );
         h.remove_pod_and_check(&pod).await
-    }
-    .await;
-    if let Err(err) = &outcome {
-        eprintln!("test failed: {err:#}");
-        h.print_log_tails();
-        print_vm_logs(&h);
-    }
-    let teardown = h.teardown();
-    eprintln!("teardown: {teardown:?}");
-    let left = kuasar_tests::harness::leftovers_of(&layout, &[])?;
-    outcome?;
-    ensure!(left.is_empty(), "after teardown:\n{left}");
-    Ok(())
+    })
+    .await
 }
 
 /// The pod's task relay dies while the pod runs: containerd has lost its task

@@ -411,11 +411,10 @@ impl VmRuntime {
         for process in &processes {
             process.signal(Signal::SIGKILL);
         }
-        for _ in 0..50 {
-            if !processes.iter().any(ProcessId::is_alive) {
-                break;
+        for process in &processes {
+            if !process.wait_gone(STOP_GRACE).await {
+                tracing::warn!(sandbox_id = %id, pid = process.pid, "process of a VM did not exit after SIGKILL");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if let Some(record) = &record {
             network::disconnect(&record.netns, &record.interface).await;
