@@ -446,7 +446,9 @@ impl Harness {
         mut self,
         body: impl AsyncFnOnce(&mut Harness) -> Result<T>,
     ) -> Result<T> {
-        let result = body(&mut self).await;
+        // On the heap: the futures of long test bodies are too large for a test thread's
+        // stack.
+        let result = Box::pin(body(&mut self)).await;
         if let Err(e) = &result {
             eprintln!("test failed: {e:#}");
             self.print_log_tails();

@@ -6,7 +6,7 @@
 //! containerd's FIFO, input from containerd's FIFO into the connection; each copy ends
 //! with its stream.
 //!
-//! Each stream being copied is recorded in the VM's directory, so that a restarted
+//! Each output stream being copied is recorded in the VM's directory, so that a restarted
 //! sandboxer listens again for the output streams of running processes: the agent keeps
 //! their FIFOs open and reconnects. Input streams are not carried over a restart.
 
@@ -100,18 +100,12 @@ impl StdioPorts {
             let record: StreamRecord = match kuasar_sandbox::state::read_json(&path) {
                 Ok(record) => record,
                 Err(err) => {
-                    tracing::warn!(
-                        error = format!("{err:#}"),
-                        "unreadable stdio record: ignored"
-                    );
+                    // Its FIFO is unknown: the keeper holds it until the pod ends.
+                    tracing::warn!(record = %path.display(), error = format!("{err:#}"), "unreadable stdio record: the stream's output is lost");
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
             };
-            if record.direction == Direction::In {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
             tracing::info!(port, fifo = %record.fifo.display(), "listening again for an output stream");
             ports.listen(port, record, RECONNECT_TIMEOUT)?;
         }
@@ -130,7 +124,10 @@ impl StdioPorts {
         let listener = UnixListener::bind(&socket)
             .with_context(|| format!("listen for stdio on {}", socket.display()))?;
         let path = self.record_path(port);
-        kuasar_sandbox::state::write_json(&path, &record)?;
+        // Only output streams are carried over a restart.
+        if record.direction == Direction::Out {
+            kuasar_sandbox::state::write_json(&path, &record)?;
+        }
         let keeper = self.fifo_keeper.clone();
         tokio::spawn(copy_when_connected(
             listener, socket, record, path, keeper, timeout,
