@@ -233,18 +233,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn processes_are_found_by_their_arguments() {
+    // The tests of this crate share one process whose reaper collects every child, so
+    // children here are started and awaited through it, never waited for directly.
+
+    #[tokio::test]
+    async fn processes_are_found_by_their_arguments() {
         use std::os::unix::process::CommandExt;
+        crate::reaper::start().unwrap();
         let marker = format!("kuasar-process-test-{}", std::process::id());
-        let mut child = std::process::Command::new("sleep")
-            .arg0(&marker)
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let found = naming(&marker);
+        let (mut child, exit) =
+            crate::reaper::spawn(std::process::Command::new("sleep").arg0(&marker).arg("5"))
+                .unwrap();
+        // Until the child has exec'd, its command line is still ours: look again for a
+        // while rather than once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = naming(&marker);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            found = naming(&marker);
+        }
         child.kill().unwrap();
-        child.wait().unwrap();
+        exit.await.unwrap();
         assert_eq!(
             found.iter().map(|p| p.pid).collect::<Vec<_>>(),
             vec![child.id()]
@@ -254,10 +263,9 @@ mod tests {
 
     #[tokio::test]
     async fn end_of_a_process_is_seen() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("0.2")
-            .spawn()
-            .unwrap();
+        crate::reaper::start().unwrap();
+        let (child, exit) =
+            crate::reaper::spawn(std::process::Command::new("sleep").arg("0.2")).unwrap();
         let id = ProcessId::of(child.id()).unwrap();
         let end = watch_end(child.id()).unwrap();
         let status = tokio::time::timeout(std::time::Duration::from_secs(5), end)
@@ -265,7 +273,7 @@ mod tests {
             .expect("the end of the process was not seen")
             .unwrap();
         assert_eq!(status.code, UNKNOWN_EXIT);
-        child.wait().unwrap();
+        assert_eq!(exit.await.unwrap().code, 0);
         assert!(!id.is_alive());
     }
 }
