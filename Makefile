@@ -16,7 +16,7 @@ build:
 # start them as separate processes.
 test: setup guest
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 # Each family against its baseline on one containerd, on release builds: the runc sandboxer
 # against containerd's runc shim, the wasm sandboxer against the runc sandboxer, the quark
