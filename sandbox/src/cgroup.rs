@@ -273,9 +273,12 @@ fn create_dir_all(mountpoint: &Path, relative: &Path) -> std::io::Result<()> {
         dir.push(component);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(err) => return Err(err),
         }
+        // A cgroup v1 cpuset starts with no CPUs and no memory nodes, and takes no process
+        // until it has some. An existing directory is filled too: whoever created it may
+        // not have filled it yet (pods are created side by side under one parent).
         for file in ["cpuset.cpus", "cpuset.mems"] {
             let inherited = parent.join(file);
             if !inherited.exists() {
@@ -364,6 +367,48 @@ mod tests {
         assert!(Cgroup::existing("").is_err());
         let missing = Cgroup::existing("/kuasar-no-such-cgroup/x").unwrap();
         assert!(missing.dirs().is_empty(), "{:?}", missing.dirs());
+    }
+
+    /// Needs root, as the sandboxer does: it creates cgroups under a parent of its own.
+    #[test]
+    fn cgroups_created_side_by_side_under_a_new_parent_all_get_cpus_and_memory_nodes() {
+        let parent = format!("kuasar-unit-{}", std::process::id());
+        let created: Vec<Cgroup> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..16)
+                .map(|i| {
+                    let parent = &parent;
+                    scope.spawn(move || Cgroup::create(parent, &format!("pod-{i}")))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap().unwrap())
+                .collect()
+        });
+        let mut empty = Vec::new();
+        for cgroup in &created {
+            for dir in cgroup.dirs() {
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    let Ok(value) = std::fs::read_to_string(dir.join(file)) else {
+                        continue;
+                    };
+                    let at_root = hierarchies()
+                        .unwrap()
+                        .into_iter()
+                        .find(|mountpoint| dir.starts_with(mountpoint))
+                        .and_then(|mountpoint| std::fs::read_to_string(mountpoint.join(file)).ok())
+                        .unwrap_or_default();
+                    if value.trim().is_empty() && !at_root.trim().is_empty() {
+                        empty.push(dir.join(file));
+                    }
+                }
+            }
+        }
+        for cgroup in &created {
+            cgroup.remove().unwrap();
+        }
+        Cgroup::existing(&parent).unwrap().remove().unwrap();
+        assert!(empty.is_empty(), "left empty: {empty:?}");
     }
 
     #[test]

@@ -795,6 +795,24 @@ impl<R: ContainerRuntime> Sandboxer for PodSandboxer<R> {
         })
     }
 
+    /// The usage of the pod's own cgroup (its namespace holder, and whatever the family
+    /// runs there for the pod, a VM for the vmm family): what the pause container's
+    /// cgroup reports for a pod of containerd's runc shim.
+    async fn metrics(&self, id: &str) -> Result<Option<prost_types::Any>> {
+        let sandbox = self.get(id)?;
+        let running = sandbox.running.lock().await;
+        Ok(running
+            .as_ref()
+            .and_then(|started| started.cgroup.as_ref())
+            .map(|cgroup| {
+                let metrics = cgroup.metrics();
+                prost_types::Any {
+                    type_url: metrics.type_url,
+                    value: metrics.value,
+                }
+            }))
+    }
+
     async fn shutdown(&self, id: &str) -> Result<()> {
         let sandbox = self.get(id)?;
         let mut running = sandbox.running.lock().await;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_shim_protos::api::{
     ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteResponse, KillRequest,
-    PidsResponse, StartResponse, StateResponse, WaitResponse,
+    PidsResponse, StartResponse, StateResponse, StatsResponse, WaitResponse,
 };
 use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -211,6 +211,7 @@ impl Pod {
             "Delete" => self.pause_delete().await,
             "Pids" => self.pause_pids(),
             "Connect" => self.pause_connect(),
+            "Stats" => self.pause_stats().await,
             other => Err(status_of(
                 Code::FAILED_PRECONDITION,
                 format!(
@@ -378,6 +379,27 @@ impl Pod {
                 pid,
                 ..Default::default()
             }],
+            ..Default::default()
+        }))
+    }
+
+    /// The pause task's resource usage is the sandbox's: the sandboxer's metrics of it.
+    async fn pause_stats(&self) -> Result<Vec<u8>, ttrpc::Status> {
+        self.pause_pid()?;
+        let answer = self
+            .sandboxer
+            .metrics(&self.id)
+            .await
+            .map_err(status_of_grpc)?;
+        let stats = answer.metrics.and_then(|metric| metric.data).map(|data| {
+            containerd_shim_protos::protobuf::well_known_types::any::Any {
+                type_url: data.type_url,
+                value: data.value,
+                ..Default::default()
+            }
+        });
+        Ok(encode(&StatsResponse {
+            stats: stats.into(),
             ..Default::default()
         }))
     }

@@ -360,6 +360,8 @@ pub struct Harness {
     quark_sandboxer: Option<Daemon>,
     vmm_sandboxer: Option<Daemon>,
     cri: Option<CriClient>,
+    /// containerd's own client, of the containerd this harness runs.
+    ctr: PathBuf,
     pods: AtomicU32,
     torn_down: bool,
 }
@@ -419,6 +421,7 @@ impl Harness {
             quark_sandboxer: None,
             vmm_sandboxer: None,
             cri: None,
+            ctr: PathBuf::new(),
             pods: AtomicU32::new(0),
             torn_down: false,
         };
@@ -566,6 +569,26 @@ impl Harness {
         Ok(id)
     }
 
+    /// Runs `ctr` against this harness's containerd in CRI's namespace; what it printed.
+    pub async fn ctr(&self, args: &[&str]) -> Result<String> {
+        let output = tokio::process::Command::new(&self.ctr)
+            .arg("--address")
+            .arg(&self.layout.containerd_socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .await
+            .with_context(|| format!("run {}", self.ctr.display()))?;
+        ensure!(
+            output.status.success(),
+            "ctr {}: {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// The plain text container `config` of `pod` has logged so far.
     pub fn container_log(&self, pod: &Pod, config: &ContainerConfig) -> Result<String> {
         cri::read_container_log(&cri::container_log_file(&pod.config, config))
@@ -602,9 +625,13 @@ impl Harness {
             .chain(self.vmm_sandboxer_pid())
             .collect();
         let mut left = leftovers_of(&self.layout, &daemons)?;
-        // A pod's shim leaves just after containerd removed the pod (an exiting process has
-        // no command line any more).
-        let leaving = |p: &String| crate::shim::is_shim(p) || !p.trim().contains(' ');
+        // A pod's shim (ours, or containerd's runc shim of the baseline) leaves just after
+        // containerd removed the pod (an exiting process has no command line any more).
+        let leaving = |p: &String| {
+            crate::shim::is_shim(p)
+                || p.contains("containerd-shim-runc-v2")
+                || !p.trim().contains(' ')
+        };
         let deadline = Instant::now() + SHIM_EXIT_GRACE;
         while !left.processes.is_empty()
             && left.processes.iter().all(leaving)
@@ -809,6 +836,7 @@ impl Harness {
         wait_for_socket(containerd, &layout.containerd_socket)?;
 
         let ctr = bin_dir.join("ctr");
+        self.ctr = ctr.clone();
         let wasm = wasm_image.then_some(wasm_tar);
         for tarball in [Some(pause_tar), Some(busybox_tar), wasm]
             .into_iter()

@@ -17,7 +17,7 @@ use crate::config::CNI_BIN_DIR;
 use crate::cri::text;
 use crate::harness::{family_binary, EnvOf, Harness, HarnessOptions, Layout, Pod, RUNC_HANDLER};
 use crate::images::{BUSYBOX_IMAGE, PAUSE_IMAGE, WASM_IMAGE};
-use crate::terminal::{exec_on_terminal, TerminalSession};
+use crate::terminal::{exec_on_terminal, TerminalSession, TERMINAL_CHECK};
 
 /// The sandbox families, each with its own shim binary name.
 pub const FAMILIES: [&str; 4] = ["runc", "wasm", "quark", "vmm"];
@@ -522,7 +522,7 @@ pub async fn runc_lifecycle(h: &Harness, handler: &str) -> Result<()> {
         &sleeper_id,
         &["sh"],
         (100, 30),
-        b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+        TERMINAL_CHECK,
         EXIT_TIMEOUT,
     )
     .await?;

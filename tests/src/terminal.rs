@@ -21,6 +21,12 @@ pub const STDERR: u8 = 2;
 pub const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 
+/// Typed into a shell exec'd on a 100 x 30 terminal: prints the terminal's device, its size
+/// once containerd has applied the resize (which comes a moment after the session opens;
+/// the wait is bounded), then `tty-ok-42`, and exits 3. The values the output is checked
+/// for are computed, so that the terminal's echo of this input never contains them.
+pub const TERMINAL_CHECK: &[u8] = b"tty; i=0; while [ \"$(stty size)\" != \"$((15*2)) $((50*2))\" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; stty size; echo tty-ok-$((6*7)); exit 3\n";
+
 /// A websocket session with containerd's streaming server.
 pub type ExecSession =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -579,7 +579,8 @@ async fn shutdown_twice_and_wait_across_shutdown() -> Result<()> {
             c.start(start_request(id)).await?;
             let mut waiter = c.clone();
             let wait = tokio::spawn(async move { waiter.wait(wait_request(id)).await });
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Time for the Wait to reach the sandboxer before the sandbox is shut down.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             ensure!(!wait.is_finished(), "Wait returned while the sandbox runs");
             c.shutdown(shutdown_request(id)).await?;
             let waited = tokio::time::timeout(CALL_TIMEOUT, wait)
@@ -602,7 +603,8 @@ async fn shutdown_twice_and_wait_across_shutdown() -> Result<()> {
             c.create(create_request(id, "", None)).await?;
             let mut waiter = c.clone();
             let wait = tokio::spawn(async move { waiter.wait(wait_request(id)).await });
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Time for the Wait to reach the sandboxer before the sandbox is shut down.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             c.shutdown(shutdown_request(id)).await?;
             tokio::time::timeout(CALL_TIMEOUT, wait)
                 .await
@@ -927,11 +929,25 @@ async fn twenty_short_lived_containers_leak_no_fds_processes_or_files() -> Resul
             for n in 1..=20 {
                 run_one(n).await?;
             }
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            let fds_after = fd_count(sandboxer);
-            let threads_after = thread_count(sandboxer);
-            let children_after = children_of(sandboxer);
-            let files_after = tree(&state);
+            // What ends with a container ends a moment after it (idle blocking-pool threads
+            // after 10 s): measure until it has, at most 15 s.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let (fds_after, threads_after, children_after, files_after) = loop {
+                let measured = (
+                    fd_count(sandboxer),
+                    thread_count(sandboxer),
+                    children_of(sandboxer),
+                    tree(&state),
+                );
+                let settled = measured.0 <= fds_before + 2
+                    && measured.1 <= threads_before + 2
+                    && measured.2.len() == children_before.len()
+                    && measured.3.difference(&files_before).next().is_none();
+                if settled || Instant::now() >= deadline {
+                    break measured;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
             let new_files: Vec<_> = files_after.difference(&files_before).collect();
             eprintln!(
                 "fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}, \

@@ -23,7 +23,9 @@ use kuasar_tests::cleanup::process_alive;
 use kuasar_tests::cri::{state_name, text};
 use kuasar_tests::harness::{log_tail, wait_until, within};
 use kuasar_tests::images::BUSYBOX_IMAGE;
-use kuasar_tests::terminal::{self, exec_on_terminal, open_exec_session, TerminalSession};
+use kuasar_tests::terminal::{
+    self, exec_on_terminal, open_exec_session, TerminalSession, TERMINAL_CHECK,
+};
 use kuasar_tests::{CriClient, Harness, Pod, KUASAR_VMM_HANDLER};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -539,11 +541,12 @@ async fn killed_vsock_backend_never_leaves_a_ready_pod_that_does_not_work() -> R
                 "the pod is still READY {NOTICE_TIMEOUT:?} after its vsock backend died, \
                  although its container cannot be reached (exec: {probe:?})"
             );
-            ensure!(
-                container.state == ContainerState::ContainerExited as i32,
-                "the pod is NOTREADY but its container is reported {}",
-                state_name(container.state)
-            );
+            // containerd turns the container EXITED when the exit event it publishes with
+            // the pod's arrives, which may be a moment after.
+            h.cri()
+                .wait_container_exited(&shell_id, NOTICE_TIMEOUT)
+                .await
+                .context("the pod is NOTREADY but its container is not reported exited")?;
         }
         bounded("removing the pod", h.remove_pod_and_check(&pod)).await??;
         ensure!(vm_gone(h, &pod), "the VM left processes or files");
@@ -691,7 +694,16 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
             )
             .await
         });
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let deadline = Instant::now() + NOTICE_TIMEOUT;
+        loop {
+            let ps = h.cri().exec_sync(&id, &["ps", "-o", "args"], 20).await?;
+            let out = text(&ps.stdout);
+            if out.contains("sleep 6") {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "the exec does not run: {out}");
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
 
         kill_sandboxer(h).await?;
         let config = h.pod_config("while-away")?;
@@ -1410,7 +1422,7 @@ async fn interactive_exec_gets_a_terminal_of_the_requested_size() -> Result<()> 
             &shell_id,
             &["sh"],
             (100, 30),
-            b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+            TERMINAL_CHECK,
             Duration::from_secs(40),
         )
         .await?;

@@ -163,7 +163,7 @@ async fn containers_run_on_the_application_kernel() -> Result<()> {
 
 /// Typed into the terminal of an exec'd shell.
 const TERMINAL_SCRIPT: &[u8] =
-    b"test -t 0 && echo terminal-$((1+1)); stty size; echo tty-ok-$((6*7)); exit 3\n";
+    b"test -t 0 && echo terminal-$((1+1)); i=0; while [ \"$(stty size)\" != \"$((10*2)) $((45*2))\" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; stty size; echo tty-ok-$((6*7)); exit 3\n";
 
 #[tokio::test]
 async fn exec_terminal_stats_and_stop() -> Result<()> {

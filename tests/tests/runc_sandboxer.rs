@@ -9,7 +9,7 @@ use kuasar_sandbox::api::sandbox::controller_client::ControllerClient;
 use kuasar_sandbox::api::sandbox::{ControllerCreateRequest, ControllerStatusRequest};
 use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
-use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
+use kuasar_tests::terminal::{exec_on_terminal, TerminalSession, TERMINAL_CHECK};
 use kuasar_tests::{Harness, KUASAR_RUNC_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -386,7 +386,7 @@ async fn interactive_exec_with_a_terminal() -> Result<()> {
                 &shell_id,
                 &["sh"],
                 (100, 30),
-                b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+                TERMINAL_CHECK,
                 EXIT_TIMEOUT,
             )
             .await?;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use k8s_cri::v1::{ContainerState, PodSandboxState};
 use kuasar_tests::cleanup;
-use kuasar_tests::harness::HarnessOptions;
+use kuasar_tests::harness::{wait_until, HarnessOptions};
 use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::shim::{self, shim_handler, shim_pids, ShimMode, SHIM_EXIT_TIMEOUT};
 use kuasar_tests::Harness;
@@ -187,12 +187,11 @@ async fn restarted_sandboxer(mode: ShimMode) -> Result<()> {
             kuasar_tests::cri::state_name(status.state)
         );
         let ticks = h.container_log(&pod, &ticker)?.matches("tick").count();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let later = h.container_log(&pod, &ticker)?.matches("tick").count();
-        ensure!(
-            later > ticks,
-            "the container stopped logging: {ticks} then {later} ticks"
-        );
+        wait_until("the container logs on", Duration::from_secs(30), || {
+            h.container_log(&pod, &ticker)
+                .is_ok_and(|log| log.matches("tick").count() > ticks)
+        })
+        .await?;
 
         h.cri().stop_container(&id, 10).await?;
         let stopped = h.cri().container_status(&id).await?;

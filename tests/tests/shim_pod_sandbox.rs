@@ -3,8 +3,11 @@
 //! shim turns the pause container's task into the sandbox's lifecycle in the family's
 //! sandboxer and forwards the pod's other containers' Task API v2 calls to it. Needs root.
 
-use anyhow::Result;
-use kuasar_tests::shim::{family_lifecycle, ShimMode};
+use anyhow::{ensure, Context, Result};
+use kuasar_tests::harness::Harness;
+use kuasar_tests::shim::{
+    family_lifecycle, family_options, remove_pod_and_wait, shim_handler, start, ShimMode,
+};
 
 const V16: ShimMode = ShimMode::Containerd16PodSandbox;
 const V17: ShimMode = ShimMode::Containerd17PodSandbox;
@@ -47,4 +50,32 @@ async fn vmm_pod_lifecycle_on_containerd_1_6() -> Result<()> {
 #[tokio::test]
 async fn vmm_pod_lifecycle_on_containerd_1_7() -> Result<()> {
     family_lifecycle(V17, "vmm").await
+}
+
+/// containerd sees the pod's pause task: listed with the sandbox's pid, and its metrics are
+/// the sandbox's cgroup's (what `ctr task metrics` and tools reading task metrics show).
+#[tokio::test]
+async fn pause_task_is_listed_and_reports_the_sandboxs_usage() -> Result<()> {
+    start(V16, family_options("runc"))
+        .await?
+        .run(async |h: &Harness| {
+            let pod = h.run_pod("usage-0", &shim_handler("runc")).await?;
+            let tasks = h.ctr(&["task", "ls"]).await?;
+            let listed = tasks
+                .lines()
+                .find(|line| line.starts_with(&pod.id))
+                .with_context(|| format!("pause task of {} not listed: {tasks}", pod.id))?;
+            ensure!(listed.contains("RUNNING"), "pause task: {listed}");
+
+            let metrics = h.ctr(&["task", "metrics", &pod.id]).await?;
+            let pids: u64 = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("pids.current"))
+                .and_then(|value| value.trim().parse().ok())
+                .with_context(|| format!("no pids.current in the metrics: {metrics}"))?;
+            ensure!(pids >= 1, "the sandbox's cgroup runs nothing: {metrics}");
+
+            remove_pod_and_wait(h, &pod).await
+        })
+        .await
 }

@@ -11,7 +11,7 @@ use k8s_cri::v1::{
 use kuasar_tests::cleanup;
 use kuasar_tests::cri::text;
 use kuasar_tests::images::BUSYBOX_IMAGE;
-use kuasar_tests::terminal::{exec_on_terminal, TerminalSession};
+use kuasar_tests::terminal::{exec_on_terminal, TerminalSession, TERMINAL_CHECK};
 use kuasar_tests::{Harness, HarnessOptions, Pod, KUASAR_RUNC_HANDLER, KUASAR_VMM_HANDLER};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -314,7 +314,7 @@ async fn interactive_exec_with_a_terminal_in_the_vm() -> Result<()> {
                 &shell_id,
                 &["sh"],
                 (100, 30),
-                b"tty; stty size; echo tty-ok-$((6*7)); exit 3\n",
+                TERMINAL_CHECK,
                 EXIT_TIMEOUT,
             )
             .await?;
@@ -397,7 +397,23 @@ async fn a_guest_that_cannot_boot_fails_the_pod_with_its_console() -> Result<()>
 
 #[tokio::test]
 async fn a_guest_slower_than_the_boot_timeout_fails_the_pod() -> Result<()> {
-    let message = failed_pod_start("boot_timeout_secs = 1").await?;
+    // A guest that cannot be ready in time on any machine: QEMU starts only after 3 s.
+    let slow_qemu = std::env::temp_dir().join(format!("kuasar-slow-qemu-{}", std::process::id()));
+    std::fs::write(
+        &slow_qemu,
+        "#!/bin/sh\nsleep 3\nexec qemu-system-x86_64 \"$@\"\n",
+    )?;
+    std::fs::set_permissions(
+        &slow_qemu,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let result = failed_pod_start(&format!(
+        "boot_timeout_secs = 1\nhypervisor = {:?}",
+        slow_qemu.display().to_string()
+    ))
+    .await;
+    std::fs::remove_file(&slow_qemu)?;
+    let message = result?;
     ensure!(
         message.contains("not ready within 1s"),
         "the error does not name the timeout: {message}"

@@ -377,12 +377,12 @@ mod tests {
     async fn retry_gives_up_at_the_timeout() {
         let uds = backend("timeout", |_| Answer::Refuse);
         let began = std::time::Instant::now();
-        let err = connect_with_retry(&uds, 1024, Duration::from_millis(300))
+        let err = connect_with_retry(&uds, 1024, Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert!(began.elapsed() < Duration::from_secs(5));
+        assert!(began.elapsed() < Duration::from_secs(10));
         let message = err.to_string();
-        assert!(message.contains("not reached within 300ms"), "{message}");
+        assert!(message.contains("not reached within 2s"), "{message}");
         assert!(message.contains("refused"), "{message}");
         cleanup(&uds);
     }

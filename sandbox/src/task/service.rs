@@ -40,6 +40,10 @@ const NAMESPACE_KEY: &str = "containerd-namespace-ttrpc";
 /// How long Delete waits for a killed process to be reaped.
 const DELETE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the exit of a SIGKILLed process with its memory watched waits for the OOM
+/// notice that may explain it.
+const OOM_NOTICE_GRACE: Duration = Duration::from_millis(200);
+
 /// The Task API of one sandbox, over a [`ContainerRuntime`].
 pub struct TaskService<R> {
     sandbox_id: String,
@@ -351,26 +355,10 @@ impl<R: ContainerRuntime> TaskService<R> {
         namespace: &str,
     ) -> Process {
         let (sender, receiver) = watch::channel(None);
-        if let Some(mut oom) = spawned.oom.take() {
-            let events = self.events.clone();
-            let (sandbox_id, container_id, namespace) = (
-                self.sandbox_id.clone(),
-                container_id.to_string(),
-                namespace.to_string(),
-            );
-            tokio::spawn(async move {
-                while oom.recv().await.is_some() {
-                    tracing::info!(%sandbox_id, %container_id, "container hit its memory limit");
-                    let event = TaskOOM {
-                        container_id: container_id.clone(),
-                        ..Default::default()
-                    };
-                    events.publish(&namespace, TaskEvent::Oom(event));
-                }
-            });
-        }
-        self.monitor_into(
+        let oom = spawned.oom.take();
+        self.publish_exit(
             spawned.exit,
+            oom,
             sender,
             spawned.pid,
             container_id,
@@ -396,21 +384,73 @@ impl<R: ContainerRuntime> TaskService<R> {
         exec_id: &str,
         namespace: &str,
     ) {
+        self.publish_exit(exit, None, sender, pid, container_id, exec_id, namespace);
+    }
+
+    /// One task per process publishes its OOM kills, when they are watched, and then its
+    /// exit, in that order: containerd reports a container `OOMKilled` only when the OOM
+    /// event comes before the exit.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_exit(
+        &self,
+        mut exit: crate::reaper::ExitReceiver,
+        mut oom: Option<crate::oom::OomReceiver>,
+        sender: watch::Sender<Option<ExitStatus>>,
+        pid: u32,
+        container_id: &str,
+        exec_id: &str,
+        namespace: &str,
+    ) {
         let events = self.events.clone();
+        let sandbox_id = self.sandbox_id.clone();
         let (container_id, exec_id, namespace) = (
             container_id.to_string(),
             exec_id.to_string(),
             namespace.to_string(),
         );
-        let sandbox_id = self.sandbox_id.clone();
         tokio::spawn(async move {
-            let exit = exit.await.unwrap_or_else(|_| ExitStatus::now(255));
+            let mut oom_killed = false;
+            let publish_oom = || {
+                tracing::info!(%sandbox_id, %container_id, "container hit its memory limit");
+                let event = TaskOOM {
+                    container_id: container_id.clone(),
+                    ..Default::default()
+                };
+                events.publish(&namespace, TaskEvent::Oom(event));
+            };
+            let exit = loop {
+                let Some(watched) = oom.as_mut() else {
+                    break (&mut exit).await;
+                };
+                tokio::select! {
+                    biased;
+                    killed = watched.recv() => match killed {
+                        Some(()) => {
+                            publish_oom();
+                            oom_killed = true;
+                        }
+                        None => oom = None,
+                    },
+                    exit = &mut exit => break exit,
+                }
+            };
+            let exit = exit.unwrap_or_else(|_| ExitStatus::now(255));
+            // The OOM killer's SIGKILL can be reaped before its notification is read.
+            if exit.code == 128 + libc::SIGKILL && !oom_killed {
+                if let Some(watched) = oom.as_mut() {
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(OOM_NOTICE_GRACE, watched.recv()).await
+                    {
+                        publish_oom();
+                    }
+                }
+            }
             tracing::info!(%sandbox_id, %container_id, %exec_id, pid, exit_code = exit.code, "process exited");
             let _ = sender.send(Some(exit));
             let mut event = TaskExit::new();
             event.container_id = container_id.clone();
             event.id = if exec_id.is_empty() {
-                container_id
+                container_id.clone()
             } else {
                 exec_id
             };
