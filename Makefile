@@ -12,8 +12,8 @@ setup:
 build:
 	$(CARGO) build --workspace --all-targets
 
-# The sandboxer binaries (runc-sandboxer, wasm-sandboxer) are built first: the end-to-end tests
-# start them as separate processes.
+# Every binary (the four sandboxers, the shims) is built first: the end-to-end tests start
+# them as separate processes.
 test: setup guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
