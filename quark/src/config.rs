@@ -3,7 +3,7 @@
 //! ```toml
 //! [quark]
 //! binary = "runsc"        # the kernel's OCI runtime; looked up in PATH unless absolute
-//! platform = "systrap"    # how the kernel intercepts system calls: systrap or ptrace
+//! platform = "systrap"    # how the kernel intercepts system calls: systrap, ptrace or kvm
 //! network = "sandbox"     # "sandbox": the kernel's own network stack on the pod's
 //!                         # interfaces; "host": the host kernel's stack, inside the pod's
 //!                         # network namespace
@@ -14,6 +14,9 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+/// The ways runsc can intercept an application's system calls (its `--platform`).
+const PLATFORMS: [&str; 3] = ["systrap", "ptrace", "kvm"];
 
 /// Settings of the application-kernel family.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -66,9 +69,9 @@ impl QuarkSection {
     /// The global flags for every invocation: the platform, then `flags`.
     pub fn global_flags(&self) -> anyhow::Result<Vec<String>> {
         let platform = self.platform.trim();
-        if platform.is_empty() || platform.contains(char::is_whitespace) {
+        if !PLATFORMS.contains(&platform) {
             anyhow::bail!(
-                "[quark] platform {:?} is not a platform name",
+                "[quark] platform {:?} is not one of runsc's platforms {PLATFORMS:?}",
                 self.platform
             );
         }
@@ -118,10 +121,13 @@ mod tests {
         };
         let err = section.global_flags().unwrap_err().to_string();
         assert!(err.contains("\"debug\""), "{err}");
-        let section = QuarkSection {
-            platform: "".into(),
-            ..Default::default()
-        };
-        assert!(section.global_flags().is_err());
+        for platform in ["", "bogus"] {
+            let section = QuarkSection {
+                platform: platform.into(),
+                ..Default::default()
+            };
+            let err = section.global_flags().unwrap_err().to_string();
+            assert!(err.contains("systrap"), "{err}");
+        }
     }
 }

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         kernel::pause();
     }
 
-    let cli = Cli::parse();
+    let cli: Cli = launch::parse_args(FAMILY);
     let result = cli.common.load::<QuarkSettings>(FAMILY).and_then(|config| {
         let quark = &config.family.quark;
         let engine = OciEngine {

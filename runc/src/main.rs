@@ -26,7 +26,7 @@ struct Cli {
 fn main() -> ExitCode {
     kuasar_sandbox::holder::run_if_requested();
 
-    let cli = Cli::parse();
+    let cli: Cli = launch::parse_args(FAMILY);
     let result = cli.common.load::<RuncSettings>(FAMILY).and_then(|config| {
         let runc = &config.family.runc;
         let engine = OciEngine {

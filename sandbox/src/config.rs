@@ -143,7 +143,14 @@ impl<F: DeserializeOwned + Default> Config<F> {
         ] {
             value.entry(key).or_insert(toml::Value::String(default));
         }
-        let config: Self = value.try_into()?;
+        // The family's table is read on its own: through the flattened field, a wrong
+        // value would be reported without the key it was under.
+        let mut family_table = toml::Table::new();
+        if let Some(section) = value.remove(family) {
+            family_table.insert(family.to_string(), section);
+        }
+        let mut config: Self = value.try_into()?;
+        config.family = toml::Value::Table(family_table).try_into()?;
         config.validate()?;
         Ok(config)
     }
@@ -254,5 +261,11 @@ mod tests {
     fn reports_type_errors() {
         let err = Config::<Family>::parse("runc", "listen = 5").unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
+        let err = Config::<Family>::parse("runc", "[runc]\nbinary = 7").unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("runc") && message.contains("binary"),
+            "{message}"
+        );
     }
 }

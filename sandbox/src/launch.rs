@@ -12,21 +12,45 @@ use crate::controller::Sandboxer;
 use crate::events::EventPublisher;
 use crate::{reaper, server};
 
-/// Command-line flags every sandboxer takes; they override the configuration file.
+/// Command-line flags every sandboxer takes; they override the configuration file. Parse
+/// them with [`parse_args`], whose help names the family's own defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// Configuration file [default: /etc/kuasar/<family>-sandboxer.toml when present]
+    /// Configuration file
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Unix socket to serve the Sandbox API on [default: /run/<family>-sandboxer.sock]
+    /// Unix socket to serve the Sandbox API on
     #[arg(long, value_name = "SOCKET")]
     pub listen: Option<PathBuf>,
-    /// Directory for sandbox state [default: /run/kuasar/<family>]
+    /// Directory for sandbox state
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace, or tracing directives [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+}
+
+/// Parses the command line of `family`'s sandboxer (a [`clap::Parser`] that flattens
+/// [`CommonArgs`]); its help shows the defaults of that family.
+pub fn parse_args<A: clap::Parser>(family: &str) -> A {
+    let command = <A as clap::CommandFactory>::command()
+        .mut_arg("config", |arg| {
+            arg.help(format!(
+                "Configuration file [default: /etc/kuasar/{family}-sandboxer.toml when present]"
+            ))
+        })
+        .mut_arg("listen", |arg| {
+            arg.help(format!(
+                "Unix socket to serve the Sandbox API on [default: /run/{family}-sandboxer.sock]"
+            ))
+        })
+        .mut_arg("dir", |arg| {
+            arg.help(format!(
+                "Directory for sandbox state [default: /run/kuasar/{family}]"
+            ))
+        });
+    <A as clap::FromArgMatches>::from_arg_matches(&command.get_matches())
+        .unwrap_or_else(|err| err.exit())
 }
 
 impl CommonArgs {

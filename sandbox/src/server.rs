@@ -69,9 +69,12 @@ pub fn init_logging(level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
 
     let filter = match std::env::var("RUST_LOG") {
+        // The filter's parse error repeats its cause in its own message: only the message
+        // is kept.
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
-            .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
-        _ => EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?,
+            .map_err(|err| anyhow::anyhow!("invalid RUST_LOG {directives:?}: {err}"))?,
+        _ => EnvFilter::try_new(level)
+            .map_err(|err| anyhow::anyhow!("invalid log level {level:?}: {err}"))?,
     };
     // Colours only for a person at a terminal: logs that go to a file or a journal stay
     // plain text.

@@ -23,6 +23,8 @@ pub enum Action {
     Serve,
     /// Print the version.
     Version,
+    /// Print how containerd runs the binary.
+    Help,
 }
 
 /// The parsed command line.
@@ -79,6 +81,7 @@ impl Args {
             match name {
                 "debug" => args.debug = inline.as_deref() != Some("false"),
                 "v" | "version" => action = Some(Action::Version),
+                "h" | "help" => action = Some(Action::Help),
                 "namespace" | "address" | "publish-binary" | "id" | "bundle" | "socket"
                 | "family" => {
                     let value = match inline {
@@ -201,6 +204,8 @@ mod tests {
             Some("vmm")
         );
         assert_eq!(family_of(Path::new("containerd-shim-runc-v2")), None);
+        let help = Args::parse(&argv(&["containerd-shim-kuasar-runc-v2", "-h"])).unwrap();
+        assert_eq!(help.action, Action::Help);
         let args = Args::parse(&argv(&["shim", "-family", "wasm", "-v"])).unwrap();
         assert_eq!(args.family, "wasm");
         assert!(Args::parse(&argv(&["shim", "-v"])).is_err());

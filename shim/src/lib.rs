@@ -43,6 +43,10 @@ pub fn main() -> ExitCode {
             );
             Ok(())
         }
+        Action::Help => {
+            println!("{}", usage(&args.family));
+            Ok(())
+        }
         Action::Start => launch::start(&args),
         Action::Delete => runtime().and_then(|rt| rt.block_on(launch::delete(&args))),
         Action::Serve => runtime().and_then(|rt| rt.block_on(serve::serve(&args))),
@@ -55,6 +59,25 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How containerd runs the shim of `family`, and where the shim finds its sandboxer.
+fn usage(family: &str) -> String {
+    let upper = family.to_uppercase();
+    format!(
+        "containerd-shim-kuasar-{family}-v2: containerd's shim for runtime_type \
+         io.containerd.kuasar-{family}.v2, forwarding each pod to the {family} sandboxer.
+
+containerd runs it as:
+  containerd-shim-kuasar-{family}-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start
+  containerd-shim-kuasar-{family}-v2 -namespace NS -address ADDR -publish-binary BIN -id ID -bundle DIR [-debug] delete
+  containerd-shim-kuasar-{family}-v2 -v
+
+The sandboxer is at /run/{family}-sandboxer.sock, or at the sandboxer_address of the TOML
+file named by ConfigPath in the runtime's options (containerd 1.6 and 1.7) or by
+KUASAR_{upper}_SHIM_CONFIG in containerd's environment. -family FAMILY overrides the
+family the binary's name gives."
+    )
 }
 
 /// One thread: a shim serves one pod, and every call it serves waits on the sandboxer.

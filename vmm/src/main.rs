@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     kuasar_sandbox::holder::run_if_requested();
     kuasar_sandbox::relay::run_if_requested();
 
-    let cli = Cli::parse();
+    let cli: Cli = launch::parse_args(FAMILY);
     let result = cli.common.load::<VmmSettings>(FAMILY).and_then(|config| {
         let vmm = config.family.vmm.clone();
         vmm.validate()?;

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     kuasar_sandbox::holder::run_if_requested();
     worker::run_if_requested();
 
-    let cli = Cli::parse();
+    let cli: Cli = launch::parse_args(FAMILY);
     let result = cli.common.load::<WasmSettings>(FAMILY).and_then(|config| {
         launch::run("wasm-sandboxer", config, |config, events| {
             let cache_dir = config

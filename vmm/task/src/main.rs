@@ -26,8 +26,30 @@ use crate::service::AgentService;
 /// Where the agent keeps its state; the guest's root is a RAM file system.
 const STATE_DIR: &str = "/run/kuasar";
 
+/// What the agent says when run anywhere but as a guest's init.
+const USAGE: &str = "vmm-task is the guest agent of vmm-sandboxer: it runs only as the init \
+(PID 1) of a microVM guest built by `make guest`, never on a host.";
+
 fn main() {
     let started_at_uptime_ms = service::uptime_ms().unwrap_or_default();
+    // Outside a guest it would take over /run/kuasar and serve the Task API on the host's
+    // vsock: it refuses, and answers --help and --version.
+    if std::process::id() != 1 {
+        match std::env::args().nth(1).as_deref() {
+            Some("-h" | "--help") => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            Some("-V" | "--version") => {
+                println!("vmm-task {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KUASAR_AGENT_LOG")
@@ -37,10 +59,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
 
-    let is_init = std::process::id() == 1;
-    if is_init {
-        init::prepare_guest();
-    }
+    init::prepare_guest();
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let sandbox_id = init::cmdline_value(&cmdline, vmm_task::SANDBOX_PARAM)
@@ -56,11 +75,9 @@ fn main() {
     if let Err(err) = result {
         tracing::error!(error = format!("{err:#}"), "the agent stopped");
     }
-    if is_init {
-        // init may not exit: the kernel would panic. The VM ends instead.
-        nix::unistd::sync();
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    }
+    // init may not exit: the kernel would panic. The VM ends instead.
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     std::process::exit(1);
 }
 
