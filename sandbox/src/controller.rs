@@ -163,6 +163,20 @@ impl<S: Sandboxer> ControllerService<S> {
     pub fn new(sandboxer: std::sync::Arc<S>) -> Self {
         Self { sandboxer }
     }
+
+    /// Runs `change` to its end even when containerd hangs up first (a shim killed, a
+    /// deadline passed): a Create, Start, Stop or Shutdown dropped halfway would leave
+    /// processes, mounts or files that no sandbox accounts for.
+    async fn to_completion<T, F, Fut>(&self, what: &str, change: F) -> Result<T>
+    where
+        F: FnOnce(std::sync::Arc<S>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::spawn(change(self.sandboxer.clone()))
+            .await
+            .map_err(|err| Error::Internal(anyhow::anyhow!("{what} did not finish: {err}")))?
+    }
 }
 
 fn prost_timestamp(time: SystemTime) -> prost_types::Timestamp {
@@ -224,7 +238,10 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
             rootfs: req.rootfs,
             annotations: req.annotations,
         };
-        self.sandboxer.create(request).await?;
+        self.to_completion("Create", |sandboxer| async move {
+            sandboxer.create(request).await
+        })
+        .await?;
         Ok(Response::new(ControllerCreateResponse { sandbox_id: id }))
     }
 
@@ -233,7 +250,13 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
         request: Request<ControllerStartRequest>,
     ) -> std::result::Result<Response<ControllerStartResponse>, Status> {
         let req = request.into_inner();
-        let started = self.sandboxer.start(checked_id(&req.sandbox_id)?).await?;
+        let id = checked_id(&req.sandbox_id)?.to_string();
+        let started = self
+            .to_completion(
+                "Start",
+                |sandboxer| async move { sandboxer.start(&id).await },
+            )
+            .await?;
         Ok(Response::new(ControllerStartResponse {
             sandbox_id: req.sandbox_id,
             pid: started.pid,
@@ -264,9 +287,11 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
     ) -> std::result::Result<Response<ControllerStopResponse>, Status> {
         let req = request.into_inner();
         let timeout = (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs.into()));
-        self.sandboxer
-            .stop(checked_id(&req.sandbox_id)?, timeout)
-            .await?;
+        let id = checked_id(&req.sandbox_id)?.to_string();
+        self.to_completion("Stop", |sandboxer| async move {
+            sandboxer.stop(&id, timeout).await
+        })
+        .await?;
         Ok(Response::new(ControllerStopResponse {}))
     }
 
@@ -313,9 +338,11 @@ impl<S: Sandboxer> Controller for ControllerService<S> {
         request: Request<ControllerShutdownRequest>,
     ) -> std::result::Result<Response<ControllerShutdownResponse>, Status> {
         let req = request.into_inner();
-        self.sandboxer
-            .shutdown(checked_id(&req.sandbox_id)?)
-            .await?;
+        let id = checked_id(&req.sandbox_id)?.to_string();
+        self.to_completion("Shutdown", |sandboxer| async move {
+            sandboxer.shutdown(&id).await
+        })
+        .await?;
         Ok(Response::new(ControllerShutdownResponse {}))
     }
 

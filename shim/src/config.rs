@@ -64,6 +64,9 @@ impl ShimConfig {
         if config.sandboxer_address.as_os_str().is_empty() {
             config.sandboxer_address = Self::defaults(family).sandboxer_address;
         }
+        // Checked here, so that `start` names the file rather than a shim failing to start.
+        tracing_subscriber::EnvFilter::try_new(&config.log_level)
+            .map_err(|err| anyhow::anyhow!("log_level {:?}: {err}", config.log_level))?;
         Ok(config)
     }
 
@@ -167,6 +170,8 @@ mod tests {
             ShimConfig::defaults("wasm").sandboxer_address,
             PathBuf::from("/run/wasm-sandboxer.sock")
         );
+        let err = ShimConfig::parse("vmm", "log_level = \"[[[\"\n").unwrap_err();
+        assert!(err.to_string().contains("log_level \"[[[\""), "{err}");
         let config = ShimConfig::parse("vmm", "log_level = \"debug\"\n").unwrap();
         assert_eq!(
             config.sandboxer_address,

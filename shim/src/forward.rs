@@ -51,7 +51,7 @@ impl TaskUpstream {
         let idempotent = IDEMPOTENT.contains(&request.method.as_str());
         let deadline = tokio::time::Instant::now() + RECONNECT_WINDOW;
         loop {
-            let address = match self.address().await {
+            let address = match self.address(deadline).await {
                 Ok(address) => address,
                 Err(status) => return error_response(status),
             };
@@ -82,7 +82,8 @@ impl TaskUpstream {
         }
     }
 
-    async fn address(&self) -> Result<String, Status> {
+    /// The pod's task address, asking the sandboxer for it until `deadline` at most.
+    async fn address(&self, deadline: tokio::time::Instant) -> Result<String, Status> {
         if let Some(address) = self
             .address
             .lock()
@@ -91,16 +92,20 @@ impl TaskUpstream {
         {
             return Ok(address);
         }
+        let window = deadline.saturating_duration_since(tokio::time::Instant::now());
         let status = self
             .sandboxer
-            .status(&self.sandbox_id)
+            .status_within(&self.sandbox_id, window)
             .await
             .map_err(status_of_grpc)?;
         if status.address.is_empty() {
+            // A stopped sandbox's containers are gone with it: containerd then deletes them
+            // as it does containers that no longer exist.
             return Err(status_of(
-                Code::FAILED_PRECONDITION,
+                Code::NOT_FOUND,
                 format!(
-                    "sandbox {} has no task server (not started)",
+                    "sandbox {} runs no task server (stopped or never started): its \
+                     containers are gone",
                     self.sandbox_id
                 ),
             ));

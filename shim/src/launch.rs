@@ -35,6 +35,9 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `delete` spends cleaning up in the sandboxer.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// The pause between attempts of `delete` to shut a sandbox down.
+const SHUTDOWN_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// How long `delete` waits for an unreachable sandboxer before giving up on it.
 const PROBE_WINDOW: Duration = Duration::from_secs(2);
 
@@ -210,15 +213,21 @@ async fn remove_sandbox(sandboxer: &Sandboxer, sandbox_id: &str) {
         }
         return;
     }
-    for (what, result) in [
-        ("stop", sandboxer.stop(sandbox_id, 0).await),
-        ("shut down", sandboxer.shutdown(sandbox_id).await),
-    ] {
-        match result {
-            Ok(()) => {}
-            Err(status) if status.code() == tonic::Code::NotFound => {}
+    if let Err(status) = sandboxer.stop(sandbox_id, 0).await {
+        if status.code() != tonic::Code::NotFound {
+            tracing::warn!(%sandbox_id, error = %status.message(), "cannot stop the sandbox");
+        }
+    }
+    // Nobody asks again once this delete is over: a shutdown that fails while something of
+    // the pod is still ending (a container cut halfway by the shim's death) is tried again
+    // until it succeeds or the caller's time is up.
+    loop {
+        match sandboxer.shutdown(sandbox_id).await {
+            Ok(()) => return,
+            Err(status) if status.code() == tonic::Code::NotFound => return,
             Err(status) => {
-                tracing::warn!(%sandbox_id, error = %status.message(), "cannot {what} the sandbox")
+                tracing::warn!(%sandbox_id, error = %status.message(), "cannot shut down the sandbox yet");
+                tokio::time::sleep(SHUTDOWN_RETRY_PAUSE).await;
             }
         }
     }

@@ -48,7 +48,11 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Action::Start => launch::start(&args),
-        Action::Delete => runtime().and_then(|rt| rt.block_on(launch::delete(&args))),
+        Action::Delete => {
+            // What the clean-up could not do is said on stderr.
+            let _ = kuasar_sandbox::server::init_logging("warn");
+            runtime().and_then(|rt| rt.block_on(launch::delete(&args)))
+        }
         Action::Serve => runtime().and_then(|rt| rt.block_on(serve::serve(&args))),
     };
     match result {

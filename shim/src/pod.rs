@@ -341,6 +341,10 @@ impl Pod {
         let request = KillRequest::parse_from_bytes(payload)
             .map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("bad KillRequest: {e}")))?;
         self.pause_pid()?;
+        if !ends_a_pause_process(request.signal) {
+            tracing::info!(sandbox_id = %self.id, signal = request.signal, "signal to the pause container ignored, as a pause process does");
+            return Ok(Vec::new());
+        }
         tracing::info!(sandbox_id = %self.id, signal = request.signal, "pause container killed: stopping the sandbox");
         self.sandboxer
             .stop(&self.id, 0)
@@ -437,4 +441,42 @@ fn encode<M: Message>(message: &M) -> Vec<u8> {
 /// A wall-clock time as a protobuf timestamp.
 pub fn now() -> Timestamp {
     timestamp(SystemTime::now())
+}
+/// Whether `signal` ends a pause process: every signal does but those whose default action
+/// is to ignore them or to stop the process (a pause process catches only the ones that
+/// end it anyway), and 0, which only asks whether the process exists.
+fn ends_a_pause_process(signal: u32) -> bool {
+    use nix::sys::signal::Signal;
+    let harmless = [
+        Signal::SIGCHLD,
+        Signal::SIGCONT,
+        Signal::SIGURG,
+        Signal::SIGWINCH,
+        Signal::SIGSTOP,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ];
+    signal != 0 && !harmless.iter().any(|s| *s as u32 == signal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_signals_that_end_a_pause_process_stop_the_sandbox() {
+        for ending in [libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            assert!(ends_a_pause_process(ending as u32), "signal {ending}");
+        }
+        for harmless in [
+            0,
+            libc::SIGWINCH,
+            libc::SIGCHLD,
+            libc::SIGCONT,
+            libc::SIGSTOP,
+        ] {
+            assert!(!ends_a_pause_process(harmless as u32), "signal {harmless}");
+        }
+    }
 }

@@ -620,6 +620,40 @@ async fn shutdown_twice_and_wait_across_shutdown() -> Result<()> {
         .await
 }
 
+/// A Start whose caller hangs up halfway (a shim killed, containerd's deadline passed) still
+/// runs to its end, so the Shutdown that follows ends the namespace holder it started.
+#[tokio::test]
+async fn a_start_abandoned_by_its_caller_leaves_no_holder_once_shut_down() -> Result<()> {
+    Harness::start_with_sandboxer()
+        .await?
+        .run(async |h: &Harness| {
+            let mut c = controller(h).await?;
+            let sandboxer = h.sandboxer_pid().context("no sandboxer")?;
+            // Deadlines from 1 to 34 ms: the caller leaves at every stage of the start.
+            for round in 0..12u64 {
+                let id = format!("adv-abandoned-{round}");
+                let options = encode_pod_config(&id, &format!("{id}-uid"), h.cgroup_parent());
+                c.create(create_request(&id, "", Some(options))).await?;
+                let mut start = tonic::Request::new(start_request(&id));
+                start.set_timeout(Duration::from_millis(1 + 3 * round));
+                let answered = c.start(start).await.is_ok();
+                c.shutdown(shutdown_request(&id)).await?;
+                wait_until("the holder ends", Duration::from_secs(10), || {
+                    holders_of(sandboxer).is_empty()
+                })
+                .await
+                .with_context(|| {
+                    format!(
+                        "round {round} (start answered: {answered}): holders {:?}",
+                        holders_of(sandboxer)
+                    )
+                })?;
+            }
+            Ok(())
+        })
+        .await
+}
+
 /// Stop of a created (never started) sandbox, then Start, then Shutdown: whatever Start
 /// answers, Shutdown must leave no holder and no cgroup behind.
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! sandboxer and forwards the pod's other containers' Task API v2 calls to it. Needs root.
 
 use anyhow::{ensure, Context, Result};
+use k8s_cri::v1::PodSandboxState;
 use kuasar_tests::harness::Harness;
+use kuasar_tests::images::BUSYBOX_IMAGE;
 use kuasar_tests::shim::{
     family_lifecycle, family_options, remove_pod_and_wait, shim_handler, start, ShimMode,
 };
@@ -52,8 +54,9 @@ async fn vmm_pod_lifecycle_on_containerd_1_7() -> Result<()> {
     family_lifecycle(V17, "vmm").await
 }
 
-/// containerd sees the pod's pause task: listed with the sandbox's pid, and its metrics are
-/// the sandbox's cgroup's (what `ctr task metrics` and tools reading task metrics show).
+/// containerd sees the pod's pause task: listed with the sandbox's pid, its metrics are the
+/// sandbox's cgroup's (what `ctr task metrics` and tools reading task metrics show), and a
+/// signal that a pause process ignores leaves the pod running.
 #[tokio::test]
 async fn pause_task_is_listed_and_reports_the_sandboxs_usage() -> Result<()> {
     start(V16, family_options("runc"))
@@ -74,6 +77,26 @@ async fn pause_task_is_listed_and_reports_the_sandboxs_usage() -> Result<()> {
                 .and_then(|value| value.trim().parse().ok())
                 .with_context(|| format!("no pids.current in the metrics: {metrics}"))?;
             ensure!(pids >= 1, "the sandbox's cgroup runs nothing: {metrics}");
+
+            // A pause process ignores SIGWINCH: so does the pod, and its containers run on.
+            let sleeper = h.container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let sleeper_id = h.start_container(&pod, &sleeper).await?;
+            h.ctr(&["task", "kill", "--signal", "SIGWINCH", &pod.id])
+                .await?;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let status = h.cri().pod_status(&pod.id).await?;
+            ensure!(
+                status.state == PodSandboxState::SandboxReady as i32,
+                "the pod after SIGWINCH to its pause task: {status:?}"
+            );
+            let exec = h
+                .cri()
+                .exec_sync(&sleeper_id, &["echo", "alive"], 30)
+                .await?;
+            ensure!(
+                exec.exit_code == 0,
+                "the container after SIGWINCH to the pause task: {exec:?}"
+            );
 
             remove_pod_and_wait(h, &pod).await
         })
