@@ -1073,13 +1073,6 @@ async fn pod_stopped_while_its_container_starts_leaves_nothing() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn bogus_platform_fails_the_pod_naming_it() -> Result<()> {
-    let mut settings = QuarkSettings::for_host()?;
-    settings.platform = "bogus".to_string();
-    pod_fails_naming(settings, "bogus").await
-}
-
-#[tokio::test]
 async fn unknown_runsc_flag_fails_the_pod_naming_it() -> Result<()> {
     let mut settings = QuarkSettings::for_host()?;
     settings.flags = vec!["--no-such-runsc-flag".to_string()];
@@ -1093,6 +1086,7 @@ async fn malformed_quark_settings_stop_the_sandboxer_at_start_naming_them() -> R
         ("flags", "debug", "\"debug\""),
         ("platform", "sys trap", "\"sys trap\""),
         ("platform", "", "platform \"\""),
+        ("platform", "bogus", "\"bogus\""),
     ];
     for (key, value, named) in cases {
         let mut settings = QuarkSettings::for_host()?;
