@@ -93,9 +93,16 @@ impl PodFiles {
     /// Unmounts the shm and removes both directories; safe to call twice.
     pub fn remove(&self) -> anyhow::Result<()> {
         let shm = self.shm();
-        if shm.exists() {
+        // Every mount stacked there goes: in pod-sandbox mode CRI mounts its own shm at the
+        // same place, and may not have unmounted it yet when a lost shim's clean-up ends
+        // the pod.
+        for _ in 0..MAX_STACKED_MOUNTS {
+            if !shm.exists() {
+                break;
+            }
             match umount2(&shm, MntFlags::MNT_DETACH) {
-                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                Ok(()) => {}
+                Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => break,
                 Err(err) => return Err(err).with_context(|| format!("unmount {}", shm.display())),
             }
         }
@@ -109,6 +116,9 @@ impl PodFiles {
         Ok(())
     }
 }
+
+/// More shm mounts on one pod than there are parties that mount one (CRI and us).
+const MAX_STACKED_MOUNTS: usize = 4;
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))

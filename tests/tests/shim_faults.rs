@@ -224,3 +224,45 @@ async fn restarted_sandboxer_keeps_the_pod_on_containerd_2() -> Result<()> {
 async fn restarted_sandboxer_keeps_the_pod_on_containerd_1_6() -> Result<()> {
     restarted_sandboxer(ShimMode::Containerd16PodSandbox).await
 }
+
+/// The pod's shim SIGKILLed while one of its containers is created and started (containerd
+/// 1.6), at moments from 0 to 33 ms into it: containerd's clean-up and the pod's removal
+/// leave nothing of the pod or the container, however far their creation had gone (CRI's
+/// own shm mount still in place, the engine halfway through `create`).
+#[tokio::test]
+async fn shim_killed_while_a_container_is_created_leaves_nothing_once_removed() -> Result<()> {
+    shim::start(
+        ShimMode::Containerd16PodSandbox,
+        HarnessOptions {
+            sandboxer: true,
+            ..Default::default()
+        },
+    )
+    .await?
+    .run(async |h: &Harness| {
+        for round in 0..12u64 {
+            let pod = h
+                .run_pod(&format!("cut-{round}"), &shim_handler("runc"))
+                .await?;
+            let shims = shim_pids(h.layout());
+            ensure!(shims.len() == 1, "round {round}: not one shim: {shims:?}");
+            let config = h.container_config("cut", BUSYBOX_IMAGE, &["sleep", "3600"]);
+            let (cri, pod_id, pod_config) = (h.cri().clone(), pod.id.clone(), pod.config.clone());
+            let started = tokio::spawn(async move {
+                let id = cri.create_container(&pod_id, &config, &pod_config).await?;
+                cri.start_container(&id).await
+            });
+            tokio::time::sleep(Duration::from_millis(3 * round)).await;
+            cleanup::signal(shims[0], libc::SIGKILL)?;
+            let started = tokio::time::timeout(CLEANUP_TIMEOUT, started)
+                .await
+                .with_context(|| format!("round {round}: the container's start hangs"))??;
+            eprintln!("round {round}: container started: {}", started.is_ok());
+            shim::remove_pod_and_wait(h, &pod)
+                .await
+                .with_context(|| format!("round {round}"))?;
+        }
+        Ok(())
+    })
+    .await
+}

@@ -346,6 +346,35 @@ impl<R: ContainerRuntime> TaskService<R> {
         self.lock().get(id).and_then(|c| c.init.exited())
     }
 
+    /// Creates the container even when the caller hangs up meanwhile (a killed shim, a
+    /// closed connection): a creation dropped halfway would leave the engine's state, a
+    /// cgroup and mounts behind. A container created for a caller that is gone is removed
+    /// again, since nobody will ever ask for it.
+    async fn create_to_completion(&self, container: CreateContainer) -> Result<Spawned> {
+        let runtime = self.runtime.clone();
+        let sandbox_id = self.sandbox_id.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let created = runtime.create(&container).await;
+            if let Err(Ok(_unclaimed)) = answer.send(created) {
+                let id = &container.id;
+                tracing::warn!(%sandbox_id, container_id = %id, "container created for a caller that is gone: removing it");
+                let _ = runtime
+                    .kill(id, KillTarget::Init { all: true }, libc::SIGKILL as u32)
+                    .await;
+                if let Err(err) = runtime.delete(id).await {
+                    tracing::warn!(%sandbox_id, container_id = %id, error = %err, "cannot remove an unclaimed container");
+                }
+            }
+        });
+        answered.await.map_err(|_| {
+            Error::Internal(anyhow::anyhow!(
+                "the creation of a container in sandbox {} ended without an answer",
+                self.sandbox_id
+            ))
+        })?
+    }
+
     /// Publishes the exit of a process when it happens and records it for waiters.
     fn monitor(
         &self,
@@ -594,7 +623,7 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
                 .collect(),
             stdio: stdio.clone(),
         };
-        let spawned = self.runtime.create(&container).await?;
+        let spawned = self.create_to_completion(container).await?;
         let mut init = self.monitor(spawned, &req.id, "", &namespace);
         init.stdio = stdio;
         let pid = init.pid;
