@@ -80,6 +80,11 @@ impl ContainerdConfig {
     }
 }
 
+/// The configuration file `family`'s sandboxer reads when none is named.
+pub fn default_path(family: &str) -> PathBuf {
+    PathBuf::from(format!("/etc/kuasar/{family}-sandboxer.toml"))
+}
+
 impl<F: Default> Config<F> {
     /// Defaults of the family named `family`: socket `/run/<family>-sandboxer.sock` and
     /// state under `/run/kuasar/<family>`.
@@ -107,7 +112,7 @@ impl<F: DeserializeOwned + Default> Config<F> {
     /// is read when present and the defaults are used otherwise. Keys missing from the
     /// file keep their defaults.
     pub fn load(family: &str, path: Option<&Path>) -> anyhow::Result<Self> {
-        let default_path = PathBuf::from(format!("/etc/kuasar/{family}-sandboxer.toml"));
+        let default_path = default_path(family);
         let path = match path {
             Some(path) => path,
             None if default_path.exists() => &default_path,

@@ -33,22 +33,34 @@ pub struct CommonArgs {
 /// Parses the command line of `family`'s sandboxer (a [`clap::Parser`] that flattens
 /// [`CommonArgs`]); its help shows the defaults of that family.
 pub fn parse_args<A: clap::Parser>(family: &str) -> A {
-    let command = <A as clap::CommandFactory>::command()
-        .mut_arg("config", |arg| {
-            arg.help(format!(
-                "Configuration file [default: /etc/kuasar/{family}-sandboxer.toml when present]"
-            ))
-        })
-        .mut_arg("listen", |arg| {
-            arg.help(format!(
-                "Unix socket to serve the Sandbox API on [default: /run/{family}-sandboxer.sock]"
-            ))
-        })
-        .mut_arg("dir", |arg| {
-            arg.help(format!(
-                "Directory for sandbox state [default: /run/kuasar/{family}]"
-            ))
-        });
+    let defaults = Config::<()>::defaults(family);
+    let helps = [
+        (
+            "config",
+            format!(
+                "Configuration file [default: {} when present]",
+                crate::config::default_path(family).display()
+            ),
+        ),
+        (
+            "listen",
+            format!(
+                "Unix socket to serve the Sandbox API on [default: {}]",
+                defaults.listen.display()
+            ),
+        ),
+        (
+            "dir",
+            format!(
+                "Directory for sandbox state [default: {}]",
+                defaults.state_dir.display()
+            ),
+        ),
+    ];
+    let command = helps.into_iter().fold(
+        <A as clap::CommandFactory>::command(),
+        |command, (arg, help)| command.mut_arg(arg, |arg| arg.help(help)),
+    );
     <A as clap::FromArgMatches>::from_arg_matches(&command.get_matches())
         .unwrap_or_else(|err| err.exit())
 }

@@ -63,18 +63,20 @@ pub async fn serve<S: Sandboxer>(listen: &Path, sandboxer: Arc<S>) -> anyhow::Re
     result
 }
 
+/// The tracing filter that `directives` ("info", "info,kuasar_sandbox=debug") describe.
+/// The error is the filter's own message only: its cause repeats that message.
+pub fn log_filter(directives: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    tracing_subscriber::EnvFilter::try_new(directives).map_err(|err| anyhow::anyhow!("{err}"))
+}
+
 /// Sets up `tracing` output to stderr with the filter `level` (`RUST_LOG` wins when set),
 /// coloured only on a terminal.
 pub fn init_logging(level: &str) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-
     let filter = match std::env::var("RUST_LOG") {
-        // The filter's parse error repeats its cause in its own message: only the message
-        // is kept.
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
-            .map_err(|err| anyhow::anyhow!("invalid RUST_LOG {directives:?}: {err}"))?,
-        _ => EnvFilter::try_new(level)
-            .map_err(|err| anyhow::anyhow!("invalid log level {level:?}: {err}"))?,
+        Ok(directives) if !directives.is_empty() => {
+            log_filter(&directives).with_context(|| format!("invalid RUST_LOG {directives:?}"))?
+        }
+        _ => log_filter(level).with_context(|| format!("invalid log level {level:?}"))?,
     };
     // Colours only for a person at a terminal: logs that go to a file or a journal stay
     // plain text.

@@ -65,8 +65,8 @@ impl ShimConfig {
             config.sandboxer_address = Self::defaults(family).sandboxer_address;
         }
         // Checked here, so that `start` names the file rather than a shim failing to start.
-        tracing_subscriber::EnvFilter::try_new(&config.log_level)
-            .map_err(|err| anyhow::anyhow!("log_level {:?}: {err}", config.log_level))?;
+        kuasar_sandbox::server::log_filter(&config.log_level)
+            .with_context(|| format!("log_level {:?}", config.log_level))?;
         Ok(config)
     }
 

@@ -67,7 +67,8 @@ pub fn main() -> ExitCode {
 
 /// How containerd runs the shim of `family`, and where the shim finds its sandboxer.
 fn usage(family: &str) -> String {
-    let upper = family.to_uppercase();
+    let socket = config::ShimConfig::defaults(family).sandboxer_address;
+    let variable = config::config_env(family);
     format!(
         "containerd-shim-kuasar-{family}-v2: containerd's shim for runtime_type \
          io.containerd.kuasar-{family}.v2, forwarding each pod to the {family} sandboxer.
@@ -77,10 +78,11 @@ containerd runs it as:
   containerd-shim-kuasar-{family}-v2 -namespace NS -address ADDR -publish-binary BIN -id ID -bundle DIR [-debug] delete
   containerd-shim-kuasar-{family}-v2 -v
 
-The sandboxer is at /run/{family}-sandboxer.sock, or at the sandboxer_address of the TOML
+The sandboxer is at {socket}, or at the sandboxer_address of the TOML
 file named by ConfigPath in the runtime's options (containerd 1.6 and 1.7) or by
-KUASAR_{upper}_SHIM_CONFIG in containerd's environment. -family FAMILY overrides the
-family the binary's name gives."
+{variable} in containerd's environment. -family FAMILY overrides the
+family the binary's name gives.",
+        socket = socket.display()
     )
 }
 

@@ -395,13 +395,10 @@ impl Pod {
             .metrics(&self.id)
             .await
             .map_err(status_of_grpc)?;
-        let stats = answer.metrics.and_then(|metric| metric.data).map(|data| {
-            containerd_shim_protos::protobuf::well_known_types::any::Any {
-                type_url: data.type_url,
-                value: data.value,
-                ..Default::default()
-            }
-        });
+        let stats = answer
+            .metrics
+            .and_then(|metric| metric.data)
+            .map(|data| crate::sandbox::convert_back(&data));
         Ok(encode(&StatsResponse {
             stats: stats.into(),
             ..Default::default()
@@ -442,6 +439,7 @@ fn encode<M: Message>(message: &M) -> Vec<u8> {
 pub fn now() -> Timestamp {
     timestamp(SystemTime::now())
 }
+
 /// Whether `signal` ends a pause process: every signal does but those whose default action
 /// is to ignore them or to stop the process (a pause process catches only the ones that
 /// end it anyway), and 0, which only asks whether the process exists.

@@ -53,7 +53,7 @@ fn convert<A: Message, B: prost::Message + Default>(message: &A) -> B {
 }
 
 /// The reverse of [`convert`].
-fn convert_back<A: prost::Message, B: Message>(message: &A) -> B {
+pub fn convert_back<A: prost::Message, B: Message>(message: &A) -> B {
     B::parse_from_bytes(&message.encode_to_vec()).unwrap_or_default()
 }
 

@@ -116,6 +116,26 @@ async fn restart_test(vms: u32, body: impl AsyncFnOnce(&mut Harness) -> Result<(
 // Helpers
 // ---------------------------------------------------------------------------------------
 
+/// Polls the processes of container `id` in the guest (`ps -o args`) until `check` holds
+/// for their list, at most [`NOTICE_TIMEOUT`]; fails with `what` and the last list.
+async fn wait_for_guest_processes(
+    h: &Harness,
+    id: &str,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + NOTICE_TIMEOUT;
+    loop {
+        let ps = h.cri().exec_sync(id, &["ps", "-o", "args"], 20).await?;
+        let out = text(&ps.stdout);
+        if check(&out) {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: {out}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// SIGKILLs the vmm sandboxer and waits until it is gone.
 async fn kill_sandboxer(h: &Harness) -> Result<()> {
     let sandboxer = h.vmm_sandboxer_pid().context("no vmm sandboxer")?;
@@ -694,16 +714,8 @@ async fn restarted_sandboxer_takes_over_running_vms() -> Result<()> {
             )
             .await
         });
-        let deadline = Instant::now() + NOTICE_TIMEOUT;
-        loop {
-            let ps = h.cri().exec_sync(&id, &["ps", "-o", "args"], 20).await?;
-            let out = text(&ps.stdout);
-            if out.contains("sleep 6") {
-                break;
-            }
-            ensure!(Instant::now() < deadline, "the exec does not run: {out}");
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        wait_for_guest_processes(h, &id, "the exec does not run", |ps| ps.contains("sleep 6"))
+            .await?;
 
         kill_sandboxer(h).await?;
         let config = h.pod_config("while-away")?;
@@ -1148,19 +1160,10 @@ async fn removing_a_pod_with_running_containers_and_execs_ends_them_and_leaves_n
                 cri.exec_sync(&id, &["sh", "-c", &command], 300).await
             });
         }
-        let deadline = Instant::now() + NOTICE_TIMEOUT;
-        loop {
-            let ps = h
-                .cri()
-                .exec_sync(&first_id, &["ps", "-o", "args"], 20)
-                .await?;
-            let out = text(&ps.stdout);
-            if out.contains("sleep 900") && out.contains("sleep 901") {
-                break;
-            }
-            ensure!(Instant::now() < deadline, "the execs do not run: {out}");
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        wait_for_guest_processes(h, &first_id, "the execs do not run", |ps| {
+            ps.contains("sleep 900") && ps.contains("sleep 901")
+        })
+        .await?;
 
         let began = Instant::now();
         within(
@@ -1475,19 +1478,13 @@ async fn exec_sync_timeout_kills_the_exec_in_the_guest() -> Result<()> {
                 "a timed out exec succeeded: {response:?}"
             );
         }
-        let deadline = Instant::now() + NOTICE_TIMEOUT;
-        loop {
-            let ps = h.cri().exec_sync(&id, &["ps", "-o", "args"], 20).await?;
-            if !text(&ps.stdout).contains("sleep 987") {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the timed out exec still runs in the guest {NOTICE_TIMEOUT:?} later: {}",
-                text(&ps.stdout)
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        wait_for_guest_processes(
+            h,
+            &id,
+            &format!("the timed out exec still runs in the guest {NOTICE_TIMEOUT:?} later"),
+            |ps| !ps.contains("sleep 987"),
+        )
+        .await?;
         let again = h.cri().exec_sync(&id, &["echo", "again"], 20).await?;
         ensure!(text(&again.stdout) == "again", "exec after: {again:?}");
         let code = stop_and_exit_code(h, &id).await?;

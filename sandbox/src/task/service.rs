@@ -198,6 +198,7 @@ impl<R: ContainerRuntime> TaskService<R> {
             let (sender, receiver) = watch::channel(None);
             self.monitor_into(
                 process.exit,
+                None,
                 sender.clone(),
                 process.pid,
                 id,
@@ -385,7 +386,7 @@ impl<R: ContainerRuntime> TaskService<R> {
     ) -> Process {
         let (sender, receiver) = watch::channel(None);
         let oom = spawned.oom.take();
-        self.publish_exit(
+        self.monitor_into(
             spawned.exit,
             oom,
             sender,
@@ -403,24 +404,12 @@ impl<R: ContainerRuntime> TaskService<R> {
         }
     }
 
-    /// Records the exit arriving on `exit` in `sender` and publishes it.
-    fn monitor_into(
-        &self,
-        exit: crate::reaper::ExitReceiver,
-        sender: watch::Sender<Option<ExitStatus>>,
-        pid: u32,
-        container_id: &str,
-        exec_id: &str,
-        namespace: &str,
-    ) {
-        self.publish_exit(exit, None, sender, pid, container_id, exec_id, namespace);
-    }
-
-    /// One task per process publishes its OOM kills, when they are watched, and then its
-    /// exit, in that order: containerd reports a container `OOMKilled` only when the OOM
-    /// event comes before the exit.
+    /// Records the exit arriving on `exit` in `sender` and publishes it. One task per
+    /// process publishes its OOM kills, when `oom` watches them, and then its exit, in that
+    /// order: containerd reports a container `OOMKilled` only when the OOM event comes
+    /// before the exit.
     #[allow(clippy::too_many_arguments)]
-    fn publish_exit(
+    fn monitor_into(
         &self,
         mut exit: crate::reaper::ExitReceiver,
         mut oom: Option<crate::oom::OomReceiver>,
@@ -755,7 +744,15 @@ impl<R: ContainerRuntime> Task for TaskService<R> {
             });
             exec.exit.clone()
         };
-        self.monitor_into(spawned.exit, sender, pid, &req.id, &req.exec_id, &namespace);
+        self.monitor_into(
+            spawned.exit,
+            None,
+            sender,
+            pid,
+            &req.id,
+            &req.exec_id,
+            &namespace,
+        );
         self.save(&req.id);
         tracing::info!(sandbox_id = %self.sandbox_id, container_id = %req.id, exec_id = %req.exec_id, pid, "exec started");
         let mut event = TaskExecStarted::new();
